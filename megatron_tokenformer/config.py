@@ -1,0 +1,404 @@
+"""Typed run configuration: YAML file + `section.key=value` overrides, validated before any work.
+
+Every field has a docstring (the string literal under it); `describe()` prints them. The same
+config object travels into the run directory, every checkpoint and the W&B run, so the
+sections already carry what tensor/pipeline parallelism and growth need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what would be valid."""
+
+
+NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Number of TokenFormer blocks."""
+    hidden_size: int = 128
+    """Model width d (the size of every token vector)."""
+    num_heads: int = 4
+    """Attention heads; hidden_size must divide by it (and by parallel.tensor)."""
+    qkv_tokens: int = 128
+    """Key-value parameter tokens of each of the Q, K and V Pattention layers."""
+    proj_tokens: int = 128
+    """Key-value parameter tokens of the attention output Pattention."""
+    ffn_tokens: int = 512
+    """Key-value parameter tokens of the FFN Pattention (the block's only nonlinearity)."""
+    seq_length: int = 128
+    """Tokens per training sample (context length)."""
+    vocab_size: Optional[int] = None
+    """Embedding rows. None: the dataset's tokenizer vocab, padded up to vocab_multiple."""
+    vocab_multiple: int = 128
+    """Pad the vocab to a multiple of this (times parallel.tensor), for fast matmuls and TP."""
+    norm: Literal["l2_norm_gelu", "gelu_l2_norm", "softmax"] = "l2_norm_gelu"
+    """Pattention score normalisation theta (DESIGN.md section 1)."""
+    rotary_pct: float = 0.25
+    """Fraction of each head's dims that get rotary position embedding."""
+    rotary_base: float = 10000.0
+    """Rotary embedding base."""
+    dropout: float = 0.0
+    """Dropout on the attention and FFN outputs before the residual add."""
+    norm_eps: float = 1e-5
+    """Epsilon of the LayerNorms."""
+    init_std: float = 0.02
+    """Std of the embedding and key-token init; value tokens use 2/(L*sqrt(d))."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size: ranks that share every Pattention's parameter tokens."""
+    pipeline: int = 1
+    """Pipeline-parallel size: stages the blocks are cut into."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0-3) for the optimizer state over data-parallel ranks."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    steps: int = 200
+    """Optimizer steps to train for (a resumed run continues up to this step)."""
+    decay_steps: Optional[int] = None
+    """Length of the LR schedule in steps (warmup + cosine). None: train.steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (and after it)."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to train.lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 uses dynamic loss scaling, bf16 keeps fp32 master weights."""
+    seed: int = 1234
+    """Seed of the model init, the data order and dropout."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+    """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json)."""
+    valid_fraction: float = 0.02
+    """Fraction of the samples (the tail of the corpus) held out for validation."""
+    verify_checksums: bool = True
+    """Check shard and tokenizer sha256 against metadata.json at start-up."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; a run finding one here resumes from the latest. None: <log.dir>/checkpoints."""
+    interval: int = 100
+    """Save every this many steps (and always at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (0 keeps all)."""
+    load: Optional[str] = None
+    """Start from this checkpoint directory when checkpoint.dir holds none (e.g. a grown model)."""
+
+
+@dataclass
+class LogConfig:
+    run_name: str = "tiny"
+    """Name of the run (W&B run name, default run directory)."""
+    dir: Optional[str] = None
+    """Run directory (metrics.jsonl, config.yml, checkpoints). None: runs/<run_name>."""
+    interval: int = 10
+    """Log training metrics every this many steps."""
+    wandb_project: Optional[str] = None
+    """W&B project; None disables W&B whatever wandb_mode says."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode: online needs WANDB_API_KEY; offline writes under <log.dir>/wandb."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50
+    """Validation every this many steps (and at the end); 0 disables."""
+    steps: int = 4
+    """Validation micro-batches per data-parallel rank."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging and monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.dir or f"runs/{self.log.run_name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def decay_steps(self) -> int:
+        return self.train.decay_steps or self.train.steps
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings under the fields, read from the source (the single place they are written)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def describe() -> str:
+    """Every config key with its type, default and docstring (for --help)."""
+    lines = []
+    for sec in fields(Config):
+        cls = sec.default_factory
+        docs = _field_docs(cls)
+        lines.append(f"{sec.name}:")
+        for f in fields(cls):
+            lines.append(f"  {sec.name}.{f.name} = {f.default!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} is not a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    sections = {f.name: f for f in fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}' ({origin}); sections are: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    hints = get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(
+            f"unknown config key '{section}.{key}' ({origin}); keys of '{section}' are: {', '.join(hints)}")
+    setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20")
+    key, raw = text.split("=", 1)
+    section, name = key.split(".", 1)
+    # YAML parsing gives ints/floats/bools/null the same meaning as in the config file.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section.strip(), name.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (may be None: defaults), then apply `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config configs/tiny.yml or another file)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {path} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "stored config")
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse impossible settings before any work. With world_size, also check the layout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for key in ("num_layers", "hidden_size", "num_heads", "qkv_tokens", "proj_tokens", "ffn_tokens",
+                "seq_length", "vocab_multiple"):
+        need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
+    need(m.hidden_size % m.num_heads == 0,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+         f"pick num_heads among {[h for h in range(1, min(m.hidden_size, 128) + 1) if m.hidden_size % h == 0]}")
+    head_dim = m.hidden_size // m.num_heads
+    rot = int(head_dim * m.rotary_pct)
+    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct={m.rotary_pct} must be within [0, 1]")
+    need(rot % 2 == 0, f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim={head_dim}; "
+                       "it must be even: change model.rotary_pct or model.num_heads")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be within [0, 1)")
+    if m.vocab_size is not None:
+        need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
+    for key in ("tensor", "pipeline"):
+        need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
+    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("qkv_tokens", "proj_tokens", "ffn_tokens"):
+        need(getattr(m, key) % p.tensor == 0,
+             f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")
+    need(m.num_heads % p.tensor == 0,
+         f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(m.num_layers >= p.pipeline,
+         f"model.num_layers={m.num_layers} is fewer than parallel.pipeline={p.pipeline} stages")
+    need(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    need(cfg.decay_steps >= 1, "train.decay_steps must be >= 1")
+    need(0 <= t.warmup_steps <= cfg.decay_steps,
+         f"train.warmup_steps={t.warmup_steps} must be within [0, decay_steps={cfg.decay_steps}]")
+    need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
+         f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
+    need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
+    need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
+         "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
+    need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
+         "checkpoint.interval and checkpoint.keep_last must be >= 0")
+    if world_size is not None:
+        mp = p.tensor * p.pipeline
+        need(world_size % mp == 0,
+             f"world size {world_size} does not factor into parallel.tensor={p.tensor} x "
+             f"parallel.pipeline={p.pipeline} x data; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+             f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
+             f"{t.micro_batch_size * dp}")
+        need(p.tensor == 1 and p.pipeline == 1,
+             f"parallel.tensor={p.tensor} / parallel.pipeline={p.pipeline}: tensor and pipeline "
+             "parallelism are not built yet; set both to 1")
+
+
+def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """Embedding rows: the configured size, or the tokenizer's padded up to vocab_multiple x tensor."""
+    m = cfg.model
+    if m.vocab_size is not None:
+        if tokenizer_vocab > m.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size={m.vocab_size}; raise "
+                f"model.vocab_size to at least {tokenizer_vocab} or leave it unset (null)")
+        multiple = cfg.parallel.tensor
+        if m.vocab_size % multiple:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={multiple}")
+        return m.vocab_size
+    multiple = m.vocab_multiple * cfg.parallel.tensor
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)

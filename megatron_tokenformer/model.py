@@ -1,0 +1,112 @@
+"""TokenFormer language model (DESIGN.md section 1), written as single-device code.
+
+Pre-norm blocks: x + Attn(LN(x)), then + FFN(LN(.)). Every projection is a Pattention: fused
+Q/K/V, the attention output, and one d->d FFN whose theta is its only nonlinearity. Block
+LayerNorms have no affine parameters; the final one is affine; embeddings are tied.
+The model is a flat sequence of layers (embedding, blocks, head) so a pipeline can cut it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .pattention import Pattention
+
+
+class Rotary(nn.Module):
+    """GPT-NeoX rotary embedding on the first `dim` dims of each head."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2).float() / dim), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dim == 0:
+            return q, k
+        t = torch.arange(q.shape[-2], device=q.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(q.device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+        def rot(x: torch.Tensor) -> torch.Tensor:
+            xr, xp = x[..., :self.dim], x[..., self.dim:]
+            x1, x2 = xr.chunk(2, dim=-1)
+            return torch.cat((xr * cos + torch.cat((-x2, x1), dim=-1) * sin, xp), dim=-1)
+
+        return rot(q), rot(k)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
+        kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std)
+        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
+        self.qkv = Pattention(d, d, cfg.qkv_tokens, groups=3, **kw)
+        self.proj = Pattention(d, d, cfg.proj_tokens, **kw)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ffn = Pattention(d, d, cfg.ffn_tokens, **kw)
+        self.rotary = Rotary(int(self.head_dim * cfg.rotary_pct), cfg.rotary_base)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(3, b, t, self.num_heads, self.head_dim).transpose(2, 3).unbind(0)
+        q, k = self.rotary(q, k)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.ln1(x)))
+        return x + self.dropout(self.ffn(self.ln2(x)))
+
+
+class TokenFormerModel(nn.Module):
+    """`forward(input_ids)` gives logits (B, T, vocab); with `labels` it gives the mean token loss."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.embed.weight.partition_dim = 0  # vocab-parallel under tensor parallelism
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.final_norm(x) @ self.embed.weight.t()  # tied output embedding
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def pattention_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of all Pattentions: 2*n*(d_in+d_out) each (DESIGN.md section 1)."""
+    d = cfg.hidden_size
+    per_block = 2 * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens) * 2 * d
+    return cfg.num_layers * per_block
+
+
+def model_flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+    """Training FLOPs per token (forward + backward = 3x forward): Pattentions, attention, head."""
+    attn = cfg.num_layers * 2 * 2 * cfg.seq_length * cfg.hidden_size  # QK^T and AV, causal not discounted
+    head = 2 * cfg.hidden_size * vocab_size
+    return 3 * (pattention_flops_per_token(cfg) + attn + head)

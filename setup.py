@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_tokenformer",
+    version="0.1.0",
+    description="Pretrain and grow TokenFormer language models with tensor, pipeline and ZeRO data parallelism",
+    packages=find_packages(include=["megatron_tokenformer", "megatron_tokenformer.*"]),
+    python_requires=">=3.10",
+    # torch is left open so GPU users keep the CUDA build they installed; on a CPU machine install
+    # `torch==2.13.0` (the CPU wheel) first, as the README and .ci/run do.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "numpy",
+        "pyyaml",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "wandb>=0.18",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+)

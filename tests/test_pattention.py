@@ -1,0 +1,92 @@
+"""Pattention against the formulas of DESIGN.md section 1, in float64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_tokenformer import Pattention
+from megatron_tokenformer.pattention import EPS, theta
+
+
+def reference(x, K, V, norm, tau):
+    """The formulas written out as plainly as possible, one row at a time."""
+    rows = []
+    for xr in x.reshape(-1, x.shape[-1]):
+        s = K @ xr
+        if norm == "l2_norm_gelu":
+            a = F.gelu(tau * s / torch.sqrt((s * s).sum() + EPS))
+        elif norm == "gelu_l2_norm":
+            g = F.gelu(s)
+            a = tau * g / torch.sqrt((g * g).sum() + EPS)
+        else:
+            e = torch.exp(s - s.max())
+            a = tau * e / e.sum()
+        rows.append(a @ V)
+    return torch.stack(rows).reshape(*x.shape[:-1], V.shape[-1])
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
+def test_forward_matches_formula(norm):
+    torch.manual_seed(0)
+    layer = Pattention(12, 7, 10, norm=norm).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    expect_tau = 10.0 if norm == "softmax" else math.sqrt(10)
+    assert layer.tau == pytest.approx(expect_tau)
+    out = layer(x)
+    ref = reference(x, layer.key_tokens, layer.value_tokens, norm, layer.tau)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
+def test_gradcheck(norm):
+    torch.manual_seed(1)
+    layer = Pattention(6, 4, 5, norm=norm).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, k, v: theta(x @ k.t(), norm, layer.tau) @ v,
+                                    (x, layer.key_tokens, layer.value_tokens))
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
+def test_fused_groups_equal_separate_layers(norm):
+    torch.manual_seed(2)
+    fused = Pattention(8, 8, 6, norm=norm, groups=3).double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    out = fused(x)
+    assert out.shape == (3, 2, 4, 8)
+    for g in range(3):
+        single = Pattention(8, 8, 6, norm=norm).double()
+        with torch.no_grad():
+            single.key_tokens.copy_(fused.key_tokens[g])
+            single.value_tokens.copy_(fused.value_tokens[g])
+        torch.testing.assert_close(out[g], single(x), rtol=1e-12, atol=1e-12)
+
+
+def test_zero_row_is_finite_and_softmax_does_not_overflow():
+    layer = Pattention(4, 3, 5)
+    out = layer(torch.zeros(2, 4))  # all-zero scores: the reference code gives NaN here
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+    sm = Pattention(4, 3, 5, norm="softmax").half()
+    with torch.no_grad():
+        sm.key_tokens.fill_(100.0)  # scores of 4e4: exp overflows fp16 without the max subtraction
+    assert torch.isfinite(sm(torch.ones(1, 4, dtype=torch.half)).float()).all()
+
+
+def test_tau_is_stored_not_recomputed():
+    layer = Pattention(4, 4, 16, tau=3.5)
+    state = layer.state_dict()
+    other = Pattention(4, 4, 16).bfloat16()  # casting the module must not round tau
+    other.load_state_dict(state)
+    assert other.tau == 3.5
+
+
+def test_zero_keys_appended_preserve_output():
+    """DESIGN.md section 2: new tokens with zero keys and tau kept leave the function unchanged."""
+    torch.manual_seed(3)
+    small = Pattention(8, 8, 6).double()
+    big = Pattention(8, 8, 10, tau=small.tau).double()
+    with torch.no_grad():
+        big.key_tokens.copy_(torch.cat([small.key_tokens, torch.zeros(4, 8, dtype=torch.float64)]))
+        big.value_tokens.copy_(torch.cat([small.value_tokens, torch.randn(4, 8, dtype=torch.float64)]))
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(big(x), small(x), rtol=1e-12, atol=1e-12)
