@@ -362,8 +362,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          f"train.micro_batch_size={t.micro_batch_size}")
     need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
     need(cfg.decay_steps >= 1, "train.decay_steps must be >= 1")
-    need(0 <= t.warmup_steps <= cfg.decay_steps,
-         f"train.warmup_steps={t.warmup_steps} must be within [0, decay_steps={cfg.decay_steps}]")
+    need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
          f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")

@@ -1,0 +1,22 @@
+"""Pretrain a TokenFormer: `deepspeed launch/pretrain.py --config configs/tiny.yml [section.key=value ...]`.
+
+Also runs under `torchrun --nproc_per_node N` and as plain `python` (one process).
+"""
+import argparse
+import sys
+
+from megatron_tokenformer.cli import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file, e.g. configs/tiny.yml")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=20 parallel.zero_stage=2")
+    args = parser.parse_args()
+    sys.exit(run(args.config, args.overrides, args.help_config))
+
+
+if __name__ == "__main__":
+    main()

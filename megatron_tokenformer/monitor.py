@@ -1,0 +1,92 @@
+"""Where metrics go: `<log.dir>/metrics.jsonl`, Weights & Biases and a progress bar, from one rank."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import Config
+
+
+class MonitorError(RuntimeError):
+    pass
+
+
+class Monitor:
+    """Created on every rank; only the logging rank writes anything."""
+
+    def __init__(self, cfg: Config, active: bool, run_info: dict, resume_step: int):
+        self.active = active
+        self.wandb_run = None
+        self.bar = None
+        if not active:
+            return
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        if cfg.log.wandb_project and cfg.log.wandb_mode != "disabled":
+            self.wandb_run = _start_wandb(cfg, run_info)
+        if cfg.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=resume_step, desc=cfg.log.run_name,
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def _truncate_after(self, step: int) -> None:
+        """A run resumed from step S drops lines logged after S by the crashed attempt (no duplicates)."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _start_wandb(cfg: Config, run_info: dict):
+    import wandb
+
+    if cfg.log.wandb_mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        raise MonitorError("log.wandb_mode=online needs a W&B key: run `wandb login` or set WANDB_API_KEY, "
+                           "or set log.wandb_mode=offline (sync later with `wandb sync`) or disabled")
+    try:
+        return wandb.init(project=cfg.log.wandb_project, name=cfg.log.run_name, mode=cfg.log.wandb_mode,
+                          dir=str(cfg.run_dir), config={**cfg.to_dict(), "run_info": run_info},
+                          resume="allow", id=run_info.get("wandb_id"))
+    except Exception as e:  # wandb raises many types; the user needs the reason and the knob
+        raise MonitorError(f"could not start W&B (log.wandb_mode={cfg.log.wandb_mode}): {e}. "
+                           "Set log.wandb_mode=offline or disabled to train without it") from None
+
+
+def _has_netrc_key() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text()

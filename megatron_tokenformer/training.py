@@ -1,0 +1,190 @@
+"""The pretraining loop: build model, data and DeepSpeed engine, then train, evaluate, log, save."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as C
+from . import distributed as D
+from .config import Config, padded_vocab_size, validate
+from .data import SampleSet, TrainBatches, load_meta, valid_batches
+from .model import TokenFormerModel, count_parameters, model_flops_per_token
+from .monitor import Monitor
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier of train.lr after `step` optimizer steps: linear warmup, cosine to min_lr, then flat."""
+    t = cfg.train
+    warmup, decay, floor = t.warmup_steps, cfg.decay_steps, t.min_lr / t.lr
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if step >= decay:
+            return floor
+        progress = (step - warmup) / max(1, decay - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on parameter tokens and the embedding, not on norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+    # torch's fused AdamW on GPU; the foreach one elsewhere. No DeepSpeed op compile either way.
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), fused=fused, **kw)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+def _run_info(cfg: Config, resume_meta: dict | None) -> dict:
+    """Identity of the run: git revision and a W&B id that stays the same across resumes."""
+    info_path = cfg.run_dir / "run_info.json"
+    prev = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return {"git": git_revision(), "wandb_id": prev.get("wandb_id") or uuid.uuid4().hex[:12],
+            "resumed_from_step": resume_meta["step"] if resume_meta else None}
+
+
+def pretrain(cfg: Config) -> dict:
+    """Train as the config says; returns the last logged metrics (on every rank)."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    rank, world = D.init_distributed()
+    validate(cfg, world)
+    grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
+    dev = D.device()
+
+    meta = load_meta(cfg.data.path, verify=cfg.data.verify_checksums)
+    vocab = padded_vocab_size(cfg, meta.vocab_size)
+    train_set = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
+    valid_set = SampleSet(meta, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    model = TokenFormerModel(cfg.model, vocab)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)  # dropout differs across data-parallel ranks
+
+    resume = C.find_resume(cfg)
+    resume_meta = C.load(engine, cfg, grid, *resume) if resume else None
+    step = resume_meta["step"] if resume_meta else 0
+    consumed = resume_meta["consumed_samples"] if resume_meta else 0
+
+    run_info = _run_info(cfg, resume_meta)
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (cfg.run_dir / "run_info.json").write_text(json.dumps(run_info, indent=1))
+    monitor = Monitor(cfg, grid.is_logger, run_info, step)
+    n_params = count_parameters(model)
+    flops_per_token = model_flops_per_token(cfg.model, vocab)
+    monitor.message(
+        f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) "
+        f"(data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
+        f"samples; " + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
+
+    batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                           grid.dp_rank, grid.data, consumed_samples=consumed)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    last: dict = {}
+    # tokens/s counts training time only: eval and checkpoint time is subtracted as `paused`.
+    window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
+    while step < cfg.train.steps:
+        engine.train()
+        lr = engine.get_lr()[0]
+        losses = []
+        for micro in batches.next_step():
+            micro = micro.to(dev)
+            loss = engine(micro[:, :-1], micro[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        step += 1
+        (mean_loss,) = D.all_reduce_mean([sum(losses) / len(losses)], dev)
+        window_loss, window_steps = window_loss + mean_loss, window_steps + 1
+        monitor.advance()
+        metrics = {}
+        if step % cfg.log.interval == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_start - paused
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update(loss=mean_loss, loss_avg=window_loss / window_steps, lr=lr,
+                           grad_norm=float(grad_norm) if grad_norm is not None else None,
+                           tokens_per_sec=tokens_per_step * window_steps / elapsed,
+                           tflops=flops_per_token * tokens_per_step * window_steps / elapsed / 1e12,
+                           samples=batches.consumed_samples, skipped_steps=int(engine.skipped_steps))
+            window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
+            metrics.update(evaluate(engine, cfg, valid_set, grid, dev))
+        if metrics:
+            monitor.log(step, metrics)
+            last = {"step": step, **metrics}
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
+            path = C.save(engine, cfg, grid, step, batches.consumed_samples, run_info, vocab)
+            monitor.message(f"step {step}: saved {path}")
+        paused += time.perf_counter() - t0
+    monitor.close()
+    return last
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: Config, valid_set: SampleSet, grid: D.Grid, dev: torch.device) -> dict:
+    engine.eval()
+    total, count = 0.0, 0
+    for micro in valid_batches(valid_set, cfg.train.micro_batch_size, grid.dp_rank, grid.data, cfg.eval.steps):
+        micro = micro.to(dev)
+        total += engine(micro[:, :-1], micro[:, 1:]).item()
+        count += 1
+    (loss,) = D.all_reduce_mean([total / max(count, 1)], dev)
+    engine.train()
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}

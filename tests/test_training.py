@@ -1,0 +1,102 @@
+"""End-to-end pretraining on real text with real DeepSpeed engines and gloo process groups."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from helpers import SMALL, launch, losses, metrics
+from wandb_records import config as wandb_config
+from wandb_records import history as wandb_history
+
+
+def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
+    run = tmp_path / "run"
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=60", "train.lr=3e-3",
+                    "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
+                    "log.wandb_mode=offline", "log.wandb_project=tests"], launcher="python")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
+    valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
+    assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
+    assert rows[-1]["valid_ppl"] == pytest.approx(math.exp(valid[1]))
+    for r in rows:
+        assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
+    assert rows[-1]["samples"] == 60 * 8
+
+    # W&B (offline) holds the same history and the resolved config with the git revision.
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    hist = [h for h in wandb_history(wandb_file) if "loss" in h]
+    assert [(h["_step"], h["loss"]) for h in hist] == [(r["step"], r["loss"]) for r in rows]
+    wcfg = wandb_config(wandb_file)
+    assert wcfg["model"]["hidden_size"] == 64 and "git" in wcfg["run_info"]
+
+    # The run directory and every checkpoint carry the resolved config and the git revision.
+    assert (run / "config.yml").is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert "git" in info
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_00000030", "step_00000060"]
+    meta = json.loads((ckpts[-1] / "meta.json").read_text())
+    assert meta["step"] == 60 and meta["consumed_samples"] == 480 and meta["config"]["model"]["hidden_size"] == 64
+    assert meta["run_info"]["git"] == info["git"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000060"
+
+
+@pytest.fixture(scope="module")
+def dp1_losses(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("dp1")
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=5"], nproc=1)
+    return losses(run)
+
+
+@pytest.mark.parametrize("zero_stage, launcher", [(1, "torchrun"), (2, "deepspeed")])
+def test_dp2_matches_dp1(corpus, tmp_path, dp1_losses, zero_stage, launcher):
+    """Same global batch of 8: one rank accumulating 2 micro-batches == two ranks with one each."""
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5",
+                    f"parallel.zero_stage={zero_stage}"], nproc=2, launcher=launcher)
+    dp2 = losses(tmp_path)
+    assert dp2.keys() == dp1_losses.keys() == {1, 2, 3, 4, 5}
+    for step in dp2:
+        assert dp2[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, dp2, dp1_losses)
+    assert dp2[5] < dp2[1]
+
+
+def test_exact_resume(corpus, tmp_path):
+    """4 steps, then resumed to 8 (same decay_steps) == 8 steps straight, bit for bit, on 2 ranks.
+
+    Dropout is on, so the resumed run must also restore the RNG streams."""
+    common = SMALL + [f"data.path={corpus}", "train.decay_steps=8", "train.warmup_steps=2", "model.dropout=0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(common + [f"log.dir={straight}", "train.steps=8"], nproc=2)
+    launch(common + [f"log.dir={resumed}", "train.steps=4"], nproc=2)
+    out = launch(common + [f"log.dir={resumed}", "train.steps=8"], nproc=2)
+    assert "resumed from" in out.stdout + out.stderr
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, 9))  # no step logged twice
+    for ra, rb in zip(a, b):
+        assert (ra["loss"], ra["lr"], ra["grad_norm"], ra["samples"]) == (rb["loss"], rb["lr"], rb["grad_norm"], rb["samples"])
+
+
+def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
+    bf16 = losses(tmp_path)
+    for step, loss in bf16.items():
+        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.path=/nonexistent/corpus"], ["data.path", "prepare_data.py"]),
+    (["model.vocab_size=256"], ["model.vocab_size=256", "512"]),
+    (["train.stepz=4"], ["train.stepz"]),
+    (["train.global_batch_size=10"], ["train.global_batch_size=10", "train.micro_batch_size=4"]),
+])
+def test_bad_input_is_one_clear_line(corpus, tmp_path, overrides, words):
+    proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", *overrides], launcher="python",
+                  check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
