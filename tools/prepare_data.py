@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Prepare a tokenized training corpus (see megatron_tokenformer/data/prepare.py).
+
+    python tools/prepare_data.py                       # default: Shakespeare -> data/shakespeare
+    python tools/prepare_data.py --input docs/ --output data/mine --vocab-size 8192
+    python tools/prepare_data.py --hf-dataset NAME --hf-split train --output data/name
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script from a checkout: make the package importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_tokenformer.data.dataset import DataError  # noqa: E402
+from megatron_tokenformer.data.prepare import (DEFAULT_OUTPUT, DEFAULT_SHARD_SIZE,  # noqa: E402
+                                               DEFAULT_VOCAB_SIZE, default_num_proc, prepare,
+                                               prepare_default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", nargs="+", metavar="PATH",
+                        help=".txt (one file = one document) / .jsonl / .json / .parquet files, directories or globs "
+                             "(default: the built-in Shakespeare corpus)")
+    source.add_argument("--hf-dataset", metavar="NAME", help="Hugging Face Hub dataset name (needs network)")
+    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--text-key", default="text", help="text column of json/parquet/Hub data (default: text)")
+    parser.add_argument("--output", help=f"output directory (default for the built-in corpus: {DEFAULT_OUTPUT})")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="PATH.model", help="use this sentencepiece model instead of training one")
+    tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                     help=f"vocabulary size of the trained BPE tokenizer (default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--num-proc", type=int, default=default_num_proc(), help="tokenization processes")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard file")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the output is already prepared")
+    args = parser.parse_args(argv)
+
+    common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, num_proc=args.num_proc,
+                  shard_size=args.shard_size, force=args.force)
+    try:
+        if args.input is None and args.hf_dataset is None:
+            prepare_default(args.output or DEFAULT_OUTPUT, **common)
+        else:
+            if args.output is None:
+                parser.error("--output is required with --input / --hf-dataset")
+            prepare(args.output, args.input, hf_dataset=args.hf_dataset, hf_split=args.hf_split,
+                    text_key=args.text_key, **common)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
