@@ -4,6 +4,10 @@ Pre-norm blocks: x + Attn(LN(x)), then + FFN(LN(.)). Every projection is a Patte
 Q/K/V, the attention output, and one d->d FFN whose theta is its only nonlinearity. Block
 LayerNorms have no affine parameters; the final one is affine; embeddings are tied.
 The model is a flat sequence of layers (embedding, blocks, head) so a pipeline can cut it.
+
+Tensor parallelism (a `tp_group` of size p) is swapped in, not sprinkled: each Pattention holds
+1/p of its tokens, Q/K/V come out split by heads (reduce-scatter), attention runs on this rank's
+heads, the output projection gathers them back, and embedding and loss are vocab-parallel.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import mappings as M
 from .config import ModelConfig
 from .pattention import Pattention
+from .vocab_parallel import VocabParallelEmbedding, cross_entropy
 
 
 class Rotary(nn.Module):
@@ -43,26 +49,26 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.num_heads, self.head_dim = cfg.num_heads // M._size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
-        kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std)
+        kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std, tp_group=tp_group)
         self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
-        self.qkv = Pattention(d, d, cfg.qkv_tokens, groups=3, **kw)
-        self.proj = Pattention(d, d, cfg.proj_tokens, **kw)
+        self.qkv = Pattention(d, d, cfg.qkv_tokens, groups=3, output="scatter", **kw)
+        self.proj = Pattention(d, d, cfg.proj_tokens, input="sharded", **kw)
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.ffn = Pattention(d, d, cfg.ffn_tokens, **kw)
         self.rotary = Rotary(int(self.head_dim * cfg.rotary_pct), cfg.rotary_base)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = self.qkv(x).view(3, b, t, self.num_heads, self.head_dim).transpose(2, 3).unbind(0)
         q, k = self.rotary(q, k)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(o.transpose(1, 2).reshape(b, t, d))
+        return self.proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.ln1(x)))
@@ -70,15 +76,13 @@ class Block(nn.Module):
 
 
 class TokenFormerModel(nn.Module):
-    """`forward(input_ids)` gives logits (B, T, vocab); with `labels` it gives the mean token loss."""
+    """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp_group=None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        self.embed.weight.partition_dim = 0  # vocab-parallel under tensor parallelism
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.embed = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_std, tp_group)
+        self.blocks = nn.ModuleList(Block(cfg, tp_group) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,10 +92,10 @@ class TokenFormerModel(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.final_norm(x) @ self.embed.weight.t()  # tied output embedding
+        logits = self.embed.logits(self.final_norm(x))  # tied output embedding
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), self.embed)
 
 
 def count_parameters(model: nn.Module) -> int:

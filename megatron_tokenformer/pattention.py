@@ -6,14 +6,21 @@
 
 `tau` is a per-layer constant stored with the model (not recomputed from n), so that appending
 tokens with zero keys leaves the function unchanged (DESIGN.md section 2).
+
+Tensor parallelism shards the parameter tokens (DESIGN.md section 3): rank r holds rows r of K
+and V, computes its local scores, normalises them with row statistics summed over the group
+(the global n is kept in tau), and its partial output A_r @ V_r is summed over the group.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from . import mappings as M
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 EPS = 1e-6  # inside the row norm: an all-zero score row gives 0, not NaN
@@ -24,17 +31,22 @@ def default_tau(norm: str, num_tokens: int) -> float:
     return float(num_tokens) if norm == "softmax" else math.sqrt(num_tokens)
 
 
-def theta(scores: torch.Tensor, norm: str, tau: float, eps: float = EPS) -> torch.Tensor:
-    """Normalise scores over the last dim. Statistics are taken in fp32 whatever the input dtype."""
+def theta(scores: torch.Tensor, norm: str, tau: float, eps: float = EPS, group=None) -> torch.Tensor:
+    """Normalise scores over the last dim, whose tokens may be sharded over `group`.
+
+    Statistics are taken in fp32 whatever the input dtype."""
     s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
     if norm == "l2_norm_gelu":
-        a = F.gelu(s * (tau * torch.rsqrt(s.square().sum(-1, keepdim=True) + eps)))
+        a = F.gelu(s * (tau * torch.rsqrt(M.sum_stat(s.square().sum(-1, keepdim=True), group) + eps)))
     elif norm == "gelu_l2_norm":
         g = F.gelu(s)
-        a = g * (tau * torch.rsqrt(g.square().sum(-1, keepdim=True) + eps))
+        a = g * (tau * torch.rsqrt(M.sum_stat(g.square().sum(-1, keepdim=True), group) + eps))
     elif norm == "softmax":
-        # torch.softmax subtracts the row max before exp (the reference does not and overflows in fp16).
-        a = tau * torch.softmax(s, dim=-1)
+        if M._size(group) == 1:
+            a = tau * torch.softmax(s, dim=-1)  # subtracts the row max (the reference does not: fp16 overflow)
+        else:
+            e = torch.exp(s - M.max_stat(s.amax(-1, keepdim=True), group))
+            a = e * (tau / M.sum_stat(e.sum(-1, keepdim=True), group))
     else:
         raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
     return a.to(scores.dtype)
@@ -46,28 +58,44 @@ class Pattention(nn.Module):
     groups > 1 fuses several Pattentions of the same input (Q, K and V): one score matmul for
     all groups, each group normalised over its own tokens, one batched value matmul. Then the
     parameters are (groups, n, in) / (groups, n, out) and the output is (groups, *x.shape[:-1], out).
+
+    With a tensor-parallel `tp_group` of size p, this rank holds num_tokens/p tokens. `input`:
+    "replicated" (every rank has x) or "sharded" (x split on its last dim, gathered first).
+    `output`: "reduce" (full output on every rank) or "scatter" (this rank's slice of the last dim).
     """
 
     def __init__(self, in_features: int, out_features: int, num_tokens: int, norm: str = "l2_norm_gelu",
-                 tau: float | None = None, groups: int = 1, key_std: float = 0.02, value_std: float = 0.02):
+                 tau: float | None = None, groups: int = 1, key_std: float = 0.02, value_std: float = 0.02,
+                 tp_group=None, input: str = "replicated", output: str = "reduce"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
+        tp = M._size(tp_group)
+        if num_tokens % tp:
+            raise ValueError(f"{num_tokens} parameter tokens do not split over {tp} tensor-parallel ranks")
         self.in_features, self.out_features, self.num_tokens = in_features, out_features, num_tokens
         self.norm, self.groups = norm, groups
-        self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)
+        self.tp_group, self.input, self.output = tp_group, input, output
+        self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)  # global n
         lead = (groups,) if groups > 1 else ()
-        self.key_tokens = nn.Parameter(torch.empty(*lead, num_tokens, in_features))
-        self.value_tokens = nn.Parameter(torch.empty(*lead, num_tokens, out_features))
-        # Tensor parallelism shards the token dim; checkpoints and growth read these tags.
-        for p in (self.key_tokens, self.value_tokens):
+        local = num_tokens // tp
+        self.key_tokens = nn.Parameter(torch.empty(*lead, local, in_features))
+        self.value_tokens = nn.Parameter(torch.empty(*lead, local, out_features))
+        # Checkpoints, growth and DeepSpeed's clipping read these tags.
+        for p, width in ((self.key_tokens, in_features), (self.value_tokens, out_features)):
             p.partition_dim = len(lead)
+            p.global_shape = (*lead, num_tokens, width)
+            p.model_parallel = tp > 1
         self.key_std, self.value_std = key_std, value_std
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.key_tokens, std=self.key_std)
-        nn.init.normal_(self.value_tokens, std=self.value_std)
+        # One master tensor from the shared seed, sliced: a TP=p model holds the TP=1 model's numbers.
+        for p, std in ((self.key_tokens, self.key_std), (self.value_tokens, self.value_std)):
+            full = torch.empty(p.global_shape, dtype=p.dtype, device=p.device).normal_(std=std)
+            rank = dist.get_rank(self.tp_group) if M._size(self.tp_group) > 1 else 0
+            with torch.no_grad():
+                p.copy_(full.narrow(p.partition_dim, rank * p.shape[p.partition_dim], p.shape[p.partition_dim]))
 
     # tau is a float that must not be cast to bf16 with the module, so it travels as extra state.
     def get_extra_state(self) -> dict:
@@ -82,11 +110,15 @@ class Pattention(nn.Module):
                 f"norm={self.norm}, tau={self.tau:.4g}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grp = self.tp_group
+        x = M.all_gather(x, grp) if self.input == "sharded" else M.copy_to(x, grp)
         if self.groups == 1:
-            return theta(x @ self.key_tokens.t(), self.norm, self.tau) @ self.value_tokens
-        g, n = self.groups, self.num_tokens
-        lead = x.shape[:-1]
-        scores = x.reshape(-1, self.in_features) @ self.key_tokens.reshape(g * n, self.in_features).t()
-        a = theta(scores.view(-1, g, n), self.norm, self.tau)          # (N, g, n)
-        out = torch.bmm(a.transpose(0, 1), self.value_tokens)           # (g, N, out)
-        return out.view(g, *lead, self.out_features)
+            out = theta(x @ self.key_tokens.t(), self.norm, self.tau, group=grp) @ self.value_tokens
+        else:
+            g, n = self.groups, self.key_tokens.shape[1]
+            lead = x.shape[:-1]
+            scores = x.reshape(-1, self.in_features) @ self.key_tokens.reshape(g * n, self.in_features).t()
+            a = theta(scores.view(-1, g, n), self.norm, self.tau, group=grp)    # (N, g, n)
+            out = torch.bmm(a.transpose(0, 1), self.value_tokens)                # (g, N, out)
+            out = out.view(g, *lead, self.out_features)
+        return M.reduce_scatter(out, grp) if self.output == "scatter" else M.reduce_from(out, grp)

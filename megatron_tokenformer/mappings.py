@@ -1,0 +1,163 @@
+"""Every collective the model uses, as conjugate autograd pairs (Megatron's mappings.py pattern).
+
+Each takes its process group explicitly and is the identity on a group of one (or None), so
+the model reads as single-device code. Pairs (forward / backward):
+
+    copy_to        identity        / all-reduce      input of a token-sharded layer
+    reduce_from    all-reduce      / identity        partial outputs of token shards -> full
+    reduce_scatter reduce-scatter  / all-gather      partial outputs -> a feature shard (heads)
+    all_gather     all-gather      / reduce-scatter  a feature shard -> full input of a token-sharded layer
+    sum_stat       all-reduce      / all-reduce      row statistics every rank uses (DESIGN.md section 3)
+    max_stat       all-reduce max  (no gradient: used only to stabilise softmax)
+
+`count_comm()` records the bytes each rank sends, with the usual ring-algorithm factors
+(all-reduce 2(p-1)/p, all-gather and reduce-scatter (p-1)/p of the full tensor).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+_counter: dict | None = None
+
+
+@contextlib.contextmanager
+def count_comm():
+    """Collect {(op, 'fwd'|'bwd'): bytes sent per rank} for the collectives run inside."""
+    global _counter
+    prev, _counter = _counter, defaultdict(float)
+    try:
+        yield _counter
+    finally:
+        _counter = prev
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _record(op: str, phase: str, full: torch.Tensor, group, factor: float) -> None:
+    if _counter is not None:
+        p = _size(group)
+        _counter[(op, phase)] += full.numel() * full.element_size() * factor * (p - 1) / p
+
+
+def _all_reduce(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+    _record(op, phase, x, group, 2.0)
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _gather_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+    p = _size(group)
+    src = x.movedim(-1, 0).contiguous()
+    out = torch.empty((p * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
+    _record(op, phase, out, group, 1.0)
+    dist.all_gather_single(out, src, group=group)
+    return out.movedim(0, -1)
+
+
+def _reduce_scatter_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+    p = _size(group)
+    src = x.movedim(-1, 0).contiguous()
+    out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=x.dtype, device=x.device)
+    _record(op, phase, src, group, 1.0)
+    dist.reduce_scatter_single(out, src, group=group)
+    return out.movedim(0, -1)
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group, "bwd", "copy_to"), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group, "fwd", "reduce_from")
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_last(x, group, "fwd", "reduce_scatter")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_last(g, ctx.group, "bwd", "reduce_scatter"), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group, "fwd", "all_gather")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_last(g, ctx.group, "bwd", "all_gather"), None
+
+
+class _SumStat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x.clone(), group, "fwd", "sum_stat")
+
+    @staticmethod
+    def backward(ctx, g):
+        # Every rank uses the global statistic, so its gradient is the sum of all ranks' gradients.
+        return _all_reduce(g.clone(), ctx.group, "bwd", "sum_stat"), None
+
+
+def copy_to(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _CopyTo.apply(x, group)
+
+
+def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceScatter.apply(x, group)
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _AllGather.apply(x, group)
+
+
+def sum_stat(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _SumStat.apply(x, group)
+
+
+def max_stat(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.detach().clone()
+    _record("max_stat", "fwd", x, group, 2.0)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def gather_param(p: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The full tensor of a sharded parameter (or gradient), for tests, checkpoints and growth."""
+    if _size(group) == 1:
+        return p.detach()
+    parts = [torch.empty_like(p) for _ in range(_size(group))]
+    dist.all_gather(parts, p.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

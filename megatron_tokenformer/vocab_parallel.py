@@ -1,0 +1,76 @@
+"""Vocab-parallel embedding and cross-entropy: rank r of the tensor group holds vocab rows r.
+
+The input embedding and the (tied) output head share one weight of (vocab/p, d) per rank. The
+loss never materialises full-vocab logits on one rank: max, sum of exp and the target logit are
+reduced over the group (Megatron's vocab-parallel cross-entropy).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import mappings as M
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, std: float, tp_group=None):
+        super().__init__()
+        tp = M._size(tp_group)
+        if vocab_size % tp:
+            raise ValueError(f"vocab size {vocab_size} does not split over {tp} tensor-parallel ranks")
+        self.tp_group, self.vocab_size = tp_group, vocab_size
+        rank = dist.get_rank(tp_group) if tp > 1 else 0
+        local = vocab_size // tp
+        self.start, self.end = rank * local, (rank + 1) * local
+        full = torch.empty(vocab_size, hidden_size).normal_(std=std)  # master tensor, sliced
+        self.weight = nn.Parameter(full[self.start:self.end].clone())
+        self.weight.partition_dim, self.weight.global_shape = 0, (vocab_size, hidden_size)
+        self.weight.model_parallel = tp > 1
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if M._size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = torch.where(outside, 0, ids - self.start)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return M.reduce_from(x, self.tp_group)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied output head: this rank's slice of the vocab logits."""
+        return M.copy_to(h, self.tp_group) @ self.weight.t()
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, start, group):
+        logits = logits.float()
+        m = M.max_stat(logits.amax(-1), group)
+        shifted = logits - m.unsqueeze(-1)
+        inside = (target >= start) & (target < start + logits.shape[-1])
+        local = torch.where(inside, target - start, 0)
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
+        exp = shifted.exp()
+        sumexp = exp.sum(-1)
+        both = torch.stack((picked, sumexp))  # one all-reduce for the two statistics
+        M._record("cross_entropy", "fwd", both, group, 2.0)
+        dist.all_reduce(both, group=group)
+        picked, sumexp = both
+        ctx.save_for_backward(exp.div_(sumexp.unsqueeze(-1)), local, inside)
+        return sumexp.log() - picked
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local, inside = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local] -= inside.to(grad.dtype)
+        return grad * g.unsqueeze(-1), None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, embedding: VocabParallelEmbedding) -> torch.Tensor:
+    """Mean token loss of vocab-sharded logits (N, V/p) against global targets (N,)."""
+    if M._size(embedding.tp_group) == 1:
+        return F.cross_entropy(logits.float(), target)
+    return _VocabParallelCE.apply(logits, target, embedding.start, embedding.tp_group).mean()
