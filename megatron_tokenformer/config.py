@@ -382,9 +382,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
              f"{t.micro_batch_size * dp}")
-        need(p.tensor == 1 and p.pipeline == 1,
-             f"parallel.tensor={p.tensor} / parallel.pipeline={p.pipeline}: tensor and pipeline "
-             "parallelism are not built yet; set both to 1")
+        need(p.pipeline == 1,
+             f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built yet; set it to 1")
 
 
 def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:

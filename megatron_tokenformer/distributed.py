@@ -1,8 +1,7 @@
 """Process start-up and the rank grid. Collectives used by the training loop live here too.
 
 Ranks are laid out tensor-fastest, then pipeline, then data (Megatron's order), so a tensor
-group sits on one node. Only the data-parallel axis is built so far; the grid already
-carries the other two so config, checkpoints and logging do not change when they arrive.
+group sits on one node. Groups are created once here and passed explicitly (no hidden globals).
 """
 from __future__ import annotations
 
@@ -43,6 +42,81 @@ class Grid:
         return self.dp_rank == 0 and self.tp_rank == 0 and self.pp_rank == self.pipeline - 1
 
 
+@dataclass
+class ParallelState:
+    """The rank grid and its process groups (groups of one included: every axis has a real group)."""
+
+    grid: Grid
+    tp_group: object = None
+    pp_group: object = None
+    dp_group: object = None
+    mp_group: object = None  # tensor x pipeline: the ranks that together hold one model replica
+
+    @classmethod
+    def build(cls, grid: Grid) -> "ParallelState":
+        t, p, d = grid.tensor, grid.pipeline, grid.data
+        state = cls(grid)
+        # Every rank must create every group, in the same order.
+        for dp in range(d):
+            for pp in range(p):
+                ranks = [dp * t * p + pp * t + tp for tp in range(t)]
+                g = dist.new_group(ranks)
+                if grid.rank in ranks:
+                    state.tp_group = g
+        for dp in range(d):
+            for tp in range(t):
+                ranks = [dp * t * p + pp * t + tp for pp in range(p)]
+                g = dist.new_group(ranks)
+                if grid.rank in ranks:
+                    state.pp_group = g
+        for pp in range(p):
+            for tp in range(t):
+                ranks = [dp * t * p + pp * t + tp for dp in range(d)]
+                g = dist.new_group(ranks)
+                if grid.rank in ranks:
+                    state.dp_group = g
+        for dp in range(d):
+            ranks = list(range(dp * t * p, (dp + 1) * t * p))
+            g = dist.new_group(ranks)
+            if grid.rank in ranks:
+                state.mp_group = g
+        return state
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+
+class DeepSpeedMPU:
+    """The `mpu` DeepSpeed asks for: ZeRO partitions over the data-parallel group only, and
+    gradient clipping counts tensor-sharded parameters (tagged `model_parallel`) on every
+    tensor rank and replicated ones once."""
+
+    def __init__(self, state: ParallelState):
+        self.s = state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.s.grid.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.s.grid.tensor
+
+    def get_model_parallel_group(self):
+        return self.s.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.s.grid.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.s.grid.data
+
+    def get_data_parallel_group(self):
+        return self.s.dp_group
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,12 +144,12 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def all_reduce_mean(values: list[float], dev: torch.device) -> list[float]:
-    """Mean of per-rank scalars over all ranks (in fp64 so that logging never rounds them)."""
+def all_reduce_mean(values: list[float], dev: torch.device, group=None) -> list[float]:
+    """Mean of per-rank scalars over a group (in fp64 so that logging never rounds them)."""
     t = torch.tensor(values, dtype=torch.float64, device=dev)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
     return t.tolist()
 
 

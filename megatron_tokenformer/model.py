@@ -99,7 +99,8 @@ class TokenFormerModel(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model, whatever share of the tensor-sharded ones this rank holds."""
+    return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in model.parameters())
 
 
 def pattention_flops_per_token(cfg: ModelConfig) -> int:

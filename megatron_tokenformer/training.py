@@ -100,6 +100,7 @@ def pretrain(cfg: Config) -> dict:
     rank, world = D.init_distributed()
     validate(cfg, world)
     grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
+    ps = D.ParallelState.build(grid)
     dev = D.device()
 
     meta = load_meta(cfg.data.path, verify=cfg.data.verify_checksums)
@@ -108,12 +109,14 @@ def pretrain(cfg: Config) -> dict:
     valid_set = SampleSet(meta, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank
-    model = TokenFormerModel(cfg.model, vocab)
+    model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
-    torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)  # dropout differs across data-parallel ranks
+                                           config=deepspeed_config(cfg, world), mpu=ps.mpu())
+    # Dropout acts on activations replicated over the tensor group: same stream on its ranks,
+    # a different one per data-parallel rank.
+    torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
 
     resume = C.find_resume(cfg)
     resume_meta = C.load(engine, cfg, grid, *resume) if resume else None
@@ -130,7 +133,7 @@ def pretrain(cfg: Config) -> dict:
     flops_per_token = model_flops_per_token(cfg.model, vocab)
     monitor.message(
         f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) "
-        f"(data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
+        f"(tensor {grid.tensor} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
         f"samples; " + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
 
     batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
@@ -150,7 +153,7 @@ def pretrain(cfg: Config) -> dict:
             engine.step()
             losses.append(loss.item())
         step += 1
-        (mean_loss,) = D.all_reduce_mean([sum(losses) / len(losses)], dev)
+        (mean_loss,) = D.all_reduce_mean([sum(losses) / len(losses)], dev, ps.dp_group)
         window_loss, window_steps = window_loss + mean_loss, window_steps + 1
         monitor.advance()
         metrics = {}
@@ -165,7 +168,7 @@ def pretrain(cfg: Config) -> dict:
             window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
         t0 = time.perf_counter()
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            metrics.update(evaluate(engine, cfg, valid_set, grid, dev))
+            metrics.update(evaluate(engine, cfg, valid_set, ps, dev))
         if metrics:
             monitor.log(step, metrics)
             last = {"step": step, **metrics}
@@ -178,13 +181,14 @@ def pretrain(cfg: Config) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, valid_set: SampleSet, grid: D.Grid, dev: torch.device) -> dict:
+def evaluate(engine, cfg: Config, valid_set: SampleSet, ps: D.ParallelState, dev: torch.device) -> dict:
     engine.eval()
     total, count = 0.0, 0
-    for micro in valid_batches(valid_set, cfg.train.micro_batch_size, grid.dp_rank, grid.data, cfg.eval.steps):
+    g = ps.grid
+    for micro in valid_batches(valid_set, cfg.train.micro_batch_size, g.dp_rank, g.data, cfg.eval.steps):
         micro = micro.to(dev)
         total += engine(micro[:, :-1], micro[:, 1:]).item()
         count += 1
-    (loss,) = D.all_reduce_mean([total / max(count, 1)], dev)
+    (loss,) = D.all_reduce_mean([total / max(count, 1)], dev, ps.dp_group)
     engine.train()
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}

@@ -63,6 +63,17 @@ def test_dp2_matches_dp1(corpus, tmp_path, dp1_losses, zero_stage, launcher):
     assert dp2[5] < dp2[1]
 
 
+@pytest.mark.parametrize("tensor, nproc", [(2, 2), (2, 4)])
+def test_tensor_parallel_training_matches_single_rank(corpus, tmp_path, dp1_losses, tensor, nproc):
+    """TP=2 and TP=2 x DP=2 log the losses of TP=1 x DP=1 over 5 steps (fp32, within 1e-5)."""
+    out = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5",
+                          f"parallel.tensor={tensor}"], nproc=nproc)
+    assert f"tensor {tensor} x data {nproc // tensor}" in out.stdout
+    tp = losses(tmp_path)
+    for step in dp1_losses:
+        assert tp[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, tp, dp1_losses)
+
+
 def test_exact_resume(corpus, tmp_path):
     """4 steps, then resumed to 8 (same decay_steps) == 8 steps straight, bit for bit, on 2 ranks.
 
