@@ -101,12 +101,12 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str) -> dict:
     """Restore engine state and RNG; returns meta.json (step, consumed_samples, ...)."""
     meta = read_meta(ckpt_dir, tag)
     check_compatible(meta, cfg, ckpt_dir / tag)
-    same_layout = meta["world_size"] == grid.world_size and meta["layout"]["zero_stage"] == cfg.parallel.zero_stage
-    if not same_layout:
+    now = {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data, "zero_stage": cfg.parallel.zero_stage}
+    if meta["layout"] != now:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} ranks at ZeRO stage "
-            f"{meta['layout']['zero_stage']}; resume it with the same world size and parallel.zero_stage "
-            "(resharding on resume is not built yet)")
+            f"checkpoint {ckpt_dir / tag} was written with layout {meta['layout']} but this run has {now}; "
+            "resume it with the same parallel.tensor, parallel.pipeline, parallel.zero_stage and number of "
+            "processes (resharding on resume is not built yet)")
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")

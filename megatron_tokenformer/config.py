@@ -87,7 +87,7 @@ class TrainConfig:
     warmup_steps: int = 20
     """Linear warmup steps from 0 to train.lr."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (not applied to norms)."""
+    """AdamW decoupled weight decay, on every parameter (the final norm's gain is zero-centred)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -382,8 +382,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
              f"{t.micro_batch_size * dp}")
-        need(p.pipeline == 1,
-             f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built yet; set it to 1")
+    if p.pipeline > 1:
+        need(p.zero_stage <= 1,
+             f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
+             "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
+             "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+        need(not (t.precision == "bf16" and p.zero_stage == 0),
+             f"train.precision=bf16 with parallel.pipeline={p.pipeline} needs parallel.zero_stage=1 "
+             "(DeepSpeed's bf16 pipeline without ZeRO cannot resume from its checkpoints)")
 
 
 def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:

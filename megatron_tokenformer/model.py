@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from . import mappings as M
 from .config import ModelConfig
 from .pattention import Pattention
+from .seeding import layer_seeds, seeded
 from .vocab_parallel import VocabParallelEmbedding, cross_entropy
 
 
@@ -49,8 +50,12 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int | None = None):
         super().__init__()
+        with seeded(seed):
+            self._build(cfg, tp_group)
+
+    def _build(self, cfg: ModelConfig, tp_group) -> None:
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads // M._size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
@@ -75,15 +80,30 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ln2(x)))
 
 
+class FinalNorm(nn.Module):
+    """Affine LayerNorm with a zero-centred gain (out = LN(x) * (1 + g) + b, g initialised to 0),
+    so that weight decay, applied to every parameter, pulls it towards identity, not towards zero."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], 1 + self.weight, self.bias, self.eps)
+
+
 class TokenFormerModel(nn.Module):
     """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp_group=None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.embed = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_std, tp_group)
-        self.blocks = nn.ModuleList(Block(cfg, tp_group) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        seeds = layer_seeds(seed, cfg.num_layers)
+        self.embed = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_std, tp_group, seed=seeds[0])
+        self.blocks = nn.ModuleList(Block(cfg, tp_group, seed=seeds[1 + i]) for i in range(cfg.num_layers))
+        self.final_norm = FinalNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -95,7 +115,8 @@ class TokenFormerModel(nn.Module):
         logits = self.embed.logits(self.final_norm(x))  # tied output embedding
         if labels is None:
             return logits
-        return cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), self.embed)
+        return cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), self.embed.tp_group,
+                             self.embed.start)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,6 +7,7 @@ import math
 import subprocess
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from . import distributed as D
 from .config import Config, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
+from .pipeline import build_pipeline
 from .monitor import Monitor
 
 
@@ -49,20 +51,15 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on parameter tokens and the embedding, not on norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on every parameter, in ONE param group: DeepSpeed's ZeRO computes the
+    gradient norm per group with a collective, so every pipeline stage must hold the same groups
+    (a stage without norms would otherwise hang the others). The only norm with parameters, the
+    final one, has a zero-centred gain, so decay pulls it towards identity."""
     t = cfg.train
-    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
     # torch's fused AdamW on GPU; the foreach one elsewhere. No DeepSpeed op compile either way.
-    fused = torch.cuda.is_available()
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), fused=fused, **kw)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                             weight_decay=t.weight_decay, fused=torch.cuda.is_available())
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -97,6 +94,8 @@ def pretrain(cfg: Config) -> dict:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's pipeline engine backpropagates through a broadcast of the tied embedding; harmless.
+    warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     rank, world = D.init_distributed()
     validate(cfg, world)
     grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -108,12 +107,17 @@ def pretrain(cfg: Config) -> dict:
     train_set = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
     valid_set = SampleSet(meta, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
 
-    torch.manual_seed(cfg.train.seed)  # same init on every rank
-    model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group)
+    pipelined = cfg.parallel.pipeline > 1
+    if pipelined:
+        model, partition_text = build_pipeline(cfg, vocab, ps)
+    else:
+        model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # A pipeline module brings its own grid (the same rank order) as DeepSpeed's mpu.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world), mpu=ps.mpu())
+                                           config=deepspeed_config(cfg, world),
+                                           mpu=None if pipelined else ps.mpu())
     # Dropout acts on activations replicated over the tensor group: same stream on its ranks,
     # a different one per data-parallel rank.
     torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
@@ -129,12 +133,15 @@ def pretrain(cfg: Config) -> dict:
         (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (cfg.run_dir / "run_info.json").write_text(json.dumps(run_info, indent=1))
     monitor = Monitor(cfg, grid.is_logger, run_info, step)
-    n_params = count_parameters(model)
+    with torch.device("meta"):  # the whole model's count, whatever this rank holds
+        n_params = count_parameters(TokenFormerModel(cfg.model, vocab))
     flops_per_token = model_flops_per_token(cfg.model, vocab)
     monitor.message(
         f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) "
-        f"(tensor {grid.tensor} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
+        f"(tensor {grid.tensor} x pipeline {grid.pipeline} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
         f"samples; " + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
+    if pipelined:
+        monitor.message(partition_text)
 
     batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            grid.dp_rank, grid.data, consumed_samples=consumed)
@@ -145,15 +152,19 @@ def pretrain(cfg: Config) -> dict:
     while step < cfg.train.steps:
         engine.train()
         lr = engine.get_lr()[0]
-        losses = []
-        for micro in batches.next_step():
-            micro = micro.to(dev)
-            loss = engine(micro[:, :-1], micro[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+        micros = [m.to(dev) for m in batches.next_step()]
+        if pipelined:  # 1F1B over the micro-batches; the loss comes back averaged on every stage
+            loss = engine.train_batch(iter([(m[:, :-1], m[:, 1:]) for m in micros])).item()
+        else:
+            losses = []
+            for m in micros:
+                out = engine(m[:, :-1], m[:, 1:])
+                engine.backward(out)
+                engine.step()
+                losses.append(out.item())
+            loss = sum(losses) / len(losses)
         step += 1
-        (mean_loss,) = D.all_reduce_mean([sum(losses) / len(losses)], dev, ps.dp_group)
+        (mean_loss,) = D.all_reduce_mean([loss], dev, ps.dp_group)
         window_loss, window_steps = window_loss + mean_loss, window_steps + 1
         monitor.advance()
         metrics = {}
@@ -183,12 +194,14 @@ def pretrain(cfg: Config) -> dict:
 @torch.no_grad()
 def evaluate(engine, cfg: Config, valid_set: SampleSet, ps: D.ParallelState, dev: torch.device) -> dict:
     engine.eval()
-    total, count = 0.0, 0
     g = ps.grid
-    for micro in valid_batches(valid_set, cfg.train.micro_batch_size, g.dp_rank, g.data, cfg.eval.steps):
-        micro = micro.to(dev)
-        total += engine(micro[:, :-1], micro[:, 1:]).item()
-        count += 1
-    (loss,) = D.all_reduce_mean([total / max(count, 1)], dev, ps.dp_group)
+    micros = [m.to(dev) for m in valid_batches(valid_set, cfg.train.micro_batch_size, g.dp_rank, g.data,
+                                                cfg.eval.steps)]
+    if g.pipeline > 1:
+        loss = engine.eval_batch(iter([(m[:, :-1], m[:, 1:]) for m in micros]),
+                                 num_micro_batches=len(micros)).item()
+    else:
+        loss = sum(engine(m[:, :-1], m[:, 1:]).item() for m in micros) / len(micros)
+    (loss,) = D.all_reduce_mean([loss], dev, ps.dp_group)
     engine.train()
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}

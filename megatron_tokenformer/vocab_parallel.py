@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mappings as M
+from .seeding import seeded
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, std: float, tp_group=None):
+    def __init__(self, vocab_size: int, hidden_size: int, std: float, tp_group=None, seed: int | None = None):
         super().__init__()
         tp = M._size(tp_group)
         if vocab_size % tp:
@@ -24,7 +25,8 @@ class VocabParallelEmbedding(nn.Module):
         rank = dist.get_rank(tp_group) if tp > 1 else 0
         local = vocab_size // tp
         self.start, self.end = rank * local, (rank + 1) * local
-        full = torch.empty(vocab_size, hidden_size).normal_(std=std)  # master tensor, sliced
+        with seeded(seed):
+            full = torch.empty(vocab_size, hidden_size).normal_(std=std)  # master tensor, sliced
         self.weight = nn.Parameter(full[self.start:self.end].clone())
         self.weight.partition_dim, self.weight.global_shape = 0, (vocab_size, hidden_size)
         self.weight.model_parallel = tp > 1
@@ -69,8 +71,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad * g.unsqueeze(-1), None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, embedding: VocabParallelEmbedding) -> torch.Tensor:
-    """Mean token loss of vocab-sharded logits (N, V/p) against global targets (N,)."""
-    if M._size(embedding.tp_group) == 1:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_start: int = 0) -> torch.Tensor:
+    """Mean token loss of vocab-sharded logits (N, V/p), this rank's shard starting at
+    `vocab_start`, against global targets (N,)."""
+    if M._size(tp_group) == 1:
         return F.cross_entropy(logits.float(), target)
-    return _VocabParallelCE.apply(logits, target, embedding.start, embedding.tp_group).mean()
+    return _VocabParallelCE.apply(logits, target, vocab_start, tp_group).mean()

@@ -68,7 +68,7 @@ def test_tensor_parallel_training_matches_single_rank(corpus, tmp_path, dp1_loss
     """TP=2 and TP=2 x DP=2 log the losses of TP=1 x DP=1 over 5 steps (fp32, within 1e-5)."""
     out = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5",
                           f"parallel.tensor={tensor}"], nproc=nproc)
-    assert f"tensor {tensor} x data {nproc // tensor}" in out.stdout
+    assert f"tensor {tensor} x pipeline 1 x data {nproc // tensor}" in out.stdout
     tp = losses(tmp_path)
     for step in dp1_losses:
         assert tp[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, tp, dp1_losses)

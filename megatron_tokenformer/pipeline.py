@@ -1,0 +1,106 @@
+"""Pipeline parallelism: the TokenFormer layers cut into stages, run by DeepSpeed's 1F1B engine.
+
+The stage list is [embedding, block x L, final norm, tied head]: the same layer classes and
+per-layer seeds as `TokenFormerModel`, so a PP=P model holds the PP=1 model's numbers. Stages are
+balanced by estimated compute (a block's cost follows its Pattention token counts; the head's
+its vocab), not by layer count.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import Config, ModelConfig
+from .distributed import ParallelState
+from .model import Block, FinalNorm
+from .seeding import layer_seeds
+from .vocab_parallel import VocabParallelEmbedding, cross_entropy
+
+
+def layer_costs(cfg: ModelConfig, vocab_size: int) -> list[int]:
+    """Forward FLOPs per token of each pipeline layer: embedding, blocks, final norm, head."""
+    d, t = cfg.hidden_size, cfg.seq_length
+    block = 2 * 2 * d * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens) + 2 * t * d  # + causal attention
+    return [d, *([block] * cfg.num_layers), 5 * d, 2 * d * vocab_size]
+
+
+def partition(costs: list[int], stages: int) -> list[int]:
+    """Contiguous split of `costs` into `stages` parts minimising the largest part (exact DP).
+
+    Returns DeepSpeed's `parts`: stage s owns layers parts[s] .. parts[s+1]-1."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {stages} stages")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: smallest possible max stage cost for the first i layers in k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
+    parts, i = [n], n
+    for k in range(stages, 0, -1):
+        i = cut[k][i]
+        parts.append(i)
+    return parts[::-1]
+
+
+def describe_partition(parts: list[int], costs: list[int], num_layers: int) -> str:
+    names = ["embed", *[f"block{i}" for i in range(num_layers)], "final_norm", "head"]
+    total = sum(costs)
+    lines = []
+    for s in range(len(parts) - 1):
+        a, b = parts[s], parts[s + 1]
+        share = sum(costs[a:b]) / total
+        lines.append(f"  stage {s}: {names[a]}..{names[b - 1]} ({b - a} layers, {share:.1%} of compute)")
+    return "pipeline partition by estimated compute:\n" + "\n".join(lines)
+
+
+def _head(embedding: VocabParallelEmbedding, x: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(x)
+
+
+class _Loss:
+    """The vocab-parallel loss on the last stage."""
+
+    def __init__(self, vocab_size: int, ps: ParallelState):
+        self.tp_group, self.start = ps.tp_group, ps.grid.tp_rank * (vocab_size // ps.grid.tensor)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp_group, self.start)
+
+
+def build_pipeline(cfg: Config, vocab_size: int, ps: ParallelState):
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    m = cfg.model
+    seeds = layer_seeds(cfg.train.seed, m.num_layers)
+    embed_args = (vocab_size, m.hidden_size, m.init_std, ps.tp_group)
+    specs = [TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], tied_weight_attr=["weight"]),
+             *[LayerSpec(Block, m, ps.tp_group, seed=seeds[1 + i]) for i in range(m.num_layers)],
+             LayerSpec(FinalNorm, m.hidden_size, m.norm_eps),
+             TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], forward_fn=_head,
+                           tied_weight_attr=["weight"])]
+    costs = layer_costs(m, vocab_size)
+    parts = partition(costs, cfg.parallel.pipeline)
+
+    class TokenFormerPipe(PipelineModule):
+        def _partition_layers(self, method="compute"):
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+    g = ps.grid
+    # Our rank order (tensor fastest, then pipeline, then data) as a DeepSpeed topology.
+    topo = ProcessTopology(axes=["data", "pipe", "model"], dims=[g.data, g.pipeline, g.tensor])
+    module = TokenFormerPipe(specs, topology=topo, loss_fn=_Loss(vocab_size, ps),
+                             activation_checkpoint_interval=1 if m.activation_checkpointing else 0,
+                             checkpointable_layers=["Block"])
+    return module, describe_partition(parts, costs, m.num_layers)
