@@ -73,10 +73,11 @@ def pp1_losses(corpus, tmp_path_factory):
     return losses(run)
 
 
-@pytest.mark.parametrize("tensor, pipeline, nproc", [(1, 2, 2), (1, 4, 4), (2, 2, 8)])
-def test_pipeline_matches_single_rank(corpus, tmp_path, pp1_losses, tensor, pipeline, nproc):
+@pytest.mark.parametrize("tensor, pipeline, nproc, extra", [
+    (1, 2, 2, []), (1, 4, 4, []), (2, 2, 8, []), (1, 2, 2, ["model.activation_checkpointing=true"])])
+def test_pipeline_matches_single_rank(corpus, tmp_path, pp1_losses, tensor, pipeline, nproc, extra):
     out = launch(DEEP + [f"data.path={corpus}", f"log.dir={tmp_path}", f"parallel.tensor={tensor}",
-                         f"parallel.pipeline={pipeline}"], nproc=nproc)
+                         f"parallel.pipeline={pipeline}", *extra], nproc=nproc)
     text = out.stdout + out.stderr
     assert "pipeline partition by estimated compute" in text and f"stage {pipeline - 1}:" in text
     got = losses(tmp_path)
