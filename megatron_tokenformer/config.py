@@ -58,6 +58,8 @@ class ModelConfig:
     """Std of the embedding and key-token init; value tokens use 2/(L*sqrt(d))."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
+    fused_pattention: bool = True
+    """Pattention with a hand-written backward that keeps only the scores (False: plain autograd)."""
 
 
 @dataclass
@@ -100,6 +102,8 @@ class TrainConfig:
     """Training precision; fp16 uses dynamic loss scaling, bf16 keeps fp32 master weights."""
     seed: int = 1234
     """Seed of the model init, the data order and dropout."""
+    compile: bool = False
+    """torch.compile the model (fuses Pattention's elementwise passes; not with parallel.pipeline>1)."""
 
 
 @dataclass
@@ -383,6 +387,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
              f"{t.micro_batch_size * dp}")
     if p.pipeline > 1:
+        need(not t.compile, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "

@@ -154,6 +154,11 @@ def max_stat(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def all_reduce_sum(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+    """A plain (no autograd) sum over the group, counted; for hand-written backward passes."""
+    return x if _size(group) == 1 else _all_reduce(x, group, phase, op)
+
+
 def gather_param(p: torch.Tensor, group, dim: int) -> torch.Tensor:
     """The full tensor of a sharded parameter (or gradient), for tests, checkpoints and growth."""
     if _size(group) == 1:

@@ -31,11 +31,16 @@ def default_tau(norm: str, num_tokens: int) -> float:
     return float(num_tokens) if norm == "softmax" else math.sqrt(num_tokens)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: statistics are never taken in bf16/fp16."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def theta(scores: torch.Tensor, norm: str, tau: float, eps: float = EPS, group=None) -> torch.Tensor:
     """Normalise scores over the last dim, whose tokens may be sharded over `group`.
 
     Statistics are taken in fp32 whatever the input dtype."""
-    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    s = _wide(scores)
     if norm == "l2_norm_gelu":
         a = F.gelu(s * (tau * torch.rsqrt(M.sum_stat(s.square().sum(-1, keepdim=True), group) + eps)))
     elif norm == "gelu_l2_norm":
@@ -52,6 +57,82 @@ def theta(scores: torch.Tensor, norm: str, tau: float, eps: float = EPS, group=N
     return a.to(scores.dtype)
 
 
+SQRT_HALF, INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2 * math.pi)
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """d/dz of the exact (erf) gelu: Phi(z) + z * phi(z)."""
+    return 0.5 * (1.0 + torch.erf(z * SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * INV_SQRT_2PI
+
+
+class _FusedPattention(torch.autograd.Function):
+    """S = x K^T, A = theta(S), O = A V with a hand-written backward.
+
+    Autograd through `theta` keeps three (T, n) tensors per layer (S, the pre-activation and A);
+    this keeps only S, in the compute dtype, plus one fp32 statistic per row, and recomputes the
+    elementwise rest in backward, where it is fused into one pass per reduction. Row statistics
+    are summed over the tensor group in both directions (the only collectives inside).
+    Shapes: x (N, in), K (g, n, in), V (g, n, out) -> O (g, N, out); theta over each group's n.
+    """
+
+    @staticmethod
+    def forward(ctx, x, K, V, norm, tau, eps, group):
+        g, n, d_in = K.shape
+        s = (x @ K.reshape(g * n, d_in).t()).view(-1, g, n)
+        a, stats = _FusedPattention._theta(_wide(s), norm, tau, eps, group)
+        out = torch.bmm(a.to(V.dtype).transpose(0, 1), V)
+        ctx.save_for_backward(x, K, V, s, *stats)
+        ctx.norm, ctx.tau, ctx.group = norm, tau, group
+        return out
+
+    @staticmethod
+    def _theta(s, norm, tau, eps, group):
+        if norm == "l2_norm_gelu":
+            r = torch.rsqrt(M.all_reduce_sum(s.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
+            return F.gelu(s * (tau * r)), (r,)
+        if norm == "gelu_l2_norm":
+            gl = F.gelu(s)
+            r = torch.rsqrt(M.all_reduce_sum(gl.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
+            return gl * (tau * r), (r,)
+        m = M.max_stat(s.amax(-1, keepdim=True), group)
+        e = torch.exp(s - m)
+        z = M.all_reduce_sum(e.sum(-1, keepdim=True), group, "fwd", "sum_stat")
+        return e * (tau / z), (m, z)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, K, V, s_c, *stats = ctx.saved_tensors
+        norm, tau, group = ctx.norm, ctx.tau, ctx.group
+        g, n, d_in = K.shape
+        s = _wide(s_c)
+        d_a = _wide(torch.bmm(d_out, V.transpose(1, 2)).transpose(0, 1))          # (N, g, n)
+
+        def row_sum(t):  # a statistic every rank used, so its gradient sums over the group
+            return M.all_reduce_sum(t.sum(-1, keepdim=True), group, "bwd", "sum_stat")
+
+        if norm == "l2_norm_gelu":
+            (r,) = stats
+            z = s * (tau * r)
+            a = F.gelu(z)
+            d_z = d_a * _gelu_grad(z)
+            d_s = (tau * r) * (d_z - (r * r) * s * row_sum(d_z * s))
+        elif norm == "gelu_l2_norm":
+            (r,) = stats
+            gl = F.gelu(s)
+            a = gl * (tau * r)
+            d_s = (tau * r) * (d_a - (r * r) * gl * row_sum(d_a * gl)) * _gelu_grad(s)
+        else:
+            m, zsum = stats
+            p = torch.exp(s - m) / zsum
+            a = tau * p
+            d_s = a * (d_a - row_sum(d_a * p))
+        d_v = torch.bmm(a.to(V.dtype).transpose(0, 1).transpose(1, 2), d_out)       # (g, n, out)
+        d_s = d_s.to(x.dtype).reshape(-1, g * n)
+        d_x = d_s @ K.reshape(g * n, d_in)
+        d_k = (d_s.t() @ x).view(g, n, d_in)
+        return d_x, d_k, d_v, None, None, None, None
+
+
 class Pattention(nn.Module):
     """Token-parameter attention replacing a linear layer `in_features -> out_features`.
 
@@ -66,7 +147,7 @@ class Pattention(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_tokens: int, norm: str = "l2_norm_gelu",
                  tau: float | None = None, groups: int = 1, key_std: float = 0.02, value_std: float = 0.02,
-                 tp_group=None, input: str = "replicated", output: str = "reduce"):
+                 tp_group=None, input: str = "replicated", output: str = "reduce", fused: bool = True):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
@@ -75,7 +156,7 @@ class Pattention(nn.Module):
             raise ValueError(f"{num_tokens} parameter tokens do not split over {tp} tensor-parallel ranks")
         self.in_features, self.out_features, self.num_tokens = in_features, out_features, num_tokens
         self.norm, self.groups = norm, groups
-        self.tp_group, self.input, self.output = tp_group, input, output
+        self.tp_group, self.input, self.output, self.fused = tp_group, input, output, fused
         self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)  # global n
         lead = (groups,) if groups > 1 else ()
         local = num_tokens // tp
@@ -112,7 +193,16 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grp = self.tp_group
         x = M.all_gather(x, grp) if self.input == "sharded" else M.copy_to(x, grp)
-        if self.groups == 1:
+        if self.fused:
+            k, v = self.key_tokens, self.value_tokens
+            if self.groups == 1:
+                k, v = k.unsqueeze(0), v.unsqueeze(0)
+            lead = x.shape[:-1]
+            out = _FusedPattention.apply(x.reshape(-1, self.in_features), k, v, self.norm, self.tau, EPS, grp)
+            out = out.view(self.groups, *lead, self.out_features)
+            if self.groups == 1:
+                out = out[0]
+        elif self.groups == 1:
             out = theta(x @ self.key_tokens.t(), self.norm, self.tau, group=grp) @ self.value_tokens
         else:
             g, n = self.groups, self.key_tokens.shape[1]

@@ -112,6 +112,9 @@ def pretrain(cfg: Config) -> dict:
         model, partition_text = build_pipeline(cfg, vocab, ps)
     else:
         model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
+        if cfg.train.compile:  # per block, in place: one graph for all blocks; parameter names unchanged
+            for block in model.blocks:
+                block.compile()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # A pipeline module brings its own grid (the same rank order) as DeepSpeed's mpu.

@@ -1,0 +1,228 @@
+"""Benchmark a TokenFormer config against an equal-FLOP GPT baseline, side by side in one run.
+
+    python tools/benchmark.py --config configs/450M.yml train.micro_batch_size=8 --json out.json
+
+For each variant (TokenFormer with the fused Pattention, with plain autograd, compiled; the GPT
+baseline eager and compiled) it runs warm training steps (forward, backward, AdamW) on random
+tokens and reports tokens/s, model FLOPs per token, MFU, peak memory (GPU), activation bytes kept
+for backward per token (counted in eager mode), and the ratios against the baseline. `--check` first compares the fused
+Pattention with the reference on this device. Runs on one GPU or on the CPU; needs no DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token  # noqa: E402
+from megatron_tokenformer.config import load_config  # noqa: E402
+from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token  # noqa: E402
+from megatron_tokenformer.pattention import Pattention  # noqa: E402
+
+# Dense peak FLOP/s (bf16 tensor cores; fp32 without TF32) by device name.
+PEAKS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
+         "L40S": (362e12, 91.6e12), "A10": (125e12, 31.2e12)}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in PEAKS.items():
+            if key in name:
+                return (bf16 if dtype == torch.bfloat16 else fp32), f"{name} (table)"
+        return float("nan"), f"{name} (not in the table)"
+    n = 1024  # CPU: measured matmul throughput of this machine
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0), f"CPU ({torch.get_num_threads()} threads, measured matmul)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids[:, :-1], ids[:, 1:])
+    del loss
+    return sum(seen.values())
+
+
+def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, steps: int, warmup: int,
+                compile_model: bool, peak: float) -> dict:
+    torch.manual_seed(0)
+    model = build().to(device=device, dtype=dtype)
+    act_bytes = saved_activation_bytes(model, ids)
+    if compile_model:  # regional: one compiled graph serves every block (fast to compile)
+        for block in model.blocks:
+            block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    row = {"variant": name, "step_ms": 1e3 * step_s, "tokens_per_sec": tokens / step_s,
+           "flops_per_token": flops_per_token, "tflops": flops_per_token * tokens / step_s / 1e12,
+           "mfu": flops_per_token * tokens / step_s / peak, "activation_bytes_per_token": act_bytes / tokens,
+           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+           "warmup_s": warm_s, "final_loss": float(loss)}
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def check_fused(device: torch.device) -> list[dict]:
+    """Fused Pattention against the plain-autograd reference on this device (fp32 and bf16)."""
+    out = []
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for norm in ("l2_norm_gelu", "gelu_l2_norm", "softmax"):
+            torch.manual_seed(0)
+            ref = Pattention(256, 256, 512, norm=norm, groups=3, fused=False).to(device, dtype)
+            fused = Pattention(256, 256, 512, norm=norm, groups=3).to(device, dtype)
+            fused.load_state_dict(ref.state_dict())
+            x = torch.randn(4, 128, 256, device=device, dtype=dtype)
+            res = []
+            for layer in (ref, fused):
+                xi = x.clone().requires_grad_()
+                y = layer(xi)
+                y.float().square().sum().backward()
+                res.append([y, xi.grad, layer.key_tokens.grad, layer.value_tokens.grad])
+            errs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(*res)]
+            out.append({"dtype": str(dtype), "norm": norm, "max_rel_error": max(errs), "ok": max(errs) <= tol})
+    return out
+
+
+def data_loader_fraction(cfg, step_s: float) -> float | None:
+    """Time to produce one step's batches from the memory-mapped shards, as a fraction of a step."""
+    try:
+        from megatron_tokenformer.data import SampleSet, TrainBatches, load_meta
+
+        meta = load_meta(cfg.data.path, verify=False)
+    except Exception:
+        return None
+    samples = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
+    mb = cfg.train.micro_batch_size
+    batches = TrainBatches(samples, 0, mb, mb, 0, 1)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        batches.next_step()
+    return (time.perf_counter() - t0) / 20 / step_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="fused,reference,compiled",
+                    help="TokenFormer variants among fused, reference, compiled")
+    ap.add_argument("--no-compile-baseline", action="store_true")
+    ap.add_argument("--check", action="store_true", help="check the fused Pattention against the reference first")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else torch.float32
+    vocab = cfg.model.vocab_size or 4096
+    peak, peak_src = peak_flops(device, dtype)
+    result = {"config": args.config, "overrides": args.overrides, "device": peak_src, "dtype": str(dtype),
+              "torch": torch.__version__, "micro_batch_size": cfg.train.micro_batch_size,
+              "seq_length": cfg.model.seq_length, "peak_flops": peak, "date": time.strftime("%Y-%m-%d")}
+    if args.check:
+        result["check"] = check_fused(device)
+        print(json.dumps(result["check"], indent=1), flush=True)
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_length + 1), device=device)
+    tf_flops, gpt_flops = model_flops_per_token(cfg.model, vocab), gpt_flops_per_token(cfg.model, vocab)
+
+    def tokenformer(fused: bool):
+        m = cfg.model
+        return lambda: TokenFormerModel(type(m)(**{**m.__dict__, "fused_pattention": fused}), vocab, seed=0)
+
+    rows = []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    plan = [(f"tokenformer-{v}", tokenformer(v != "reference"), tf_flops, v == "compiled") for v in variants]
+    plan.append(("gpt-eager", lambda: GPTModel(cfg.model, vocab), gpt_flops, False))
+    if not args.no_compile_baseline:
+        plan.append(("gpt-compiled", lambda: GPTModel(cfg.model, vocab), gpt_flops, True))
+    for name, build, flops, comp in plan:
+        row = run_variant(name, build, flops, ids, device, dtype, args.steps, args.warmup, comp, peak)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    by = {r["variant"]: r for r in rows}
+    ratios = {}
+    for r in rows:
+        if r["variant"].startswith("tokenformer"):
+            base = by["gpt-compiled" if r["variant"].endswith("compiled") and "gpt-compiled" in by else "gpt-eager"]
+            ratios[r["variant"]] = {"vs": base["variant"], "step_time": r["step_ms"] / base["step_ms"],
+                                    "activation_bytes": r["activation_bytes_per_token"] / base["activation_bytes_per_token"]}
+    result.update(rows=rows, ratios=ratios)
+    fastest = min((r for r in rows if r["variant"].startswith("tokenformer")), key=lambda r: r["step_ms"], default=None)
+    if fastest:
+        result["data_loader_fraction"] = data_loader_fraction(cfg, fastest["step_ms"] / 1e3)
+    print(table(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def table(res: dict) -> str:
+    lines = [f"{res['config']} {' '.join(res['overrides'])} on {res['device']}, {res['dtype']}, "
+             f"micro-batch {res['micro_batch_size']} x seq {res['seq_length']}",
+             "| variant | step ms | tokens/s | TFLOP/s | MFU | act. bytes/token | peak GB | step vs baseline | act. vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        rt = res["ratios"].get(r["variant"], {})
+        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if not math.isnan(r["mfu"]) else "-"
+        lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:.0f} | {r['tflops']:.2f} | {mfu} | "
+                     f"{r['activation_bytes_per_token']:.0f} | {mem} | "
+                     + (f"{rt['step_time']:.3f} ({rt['vs']})" if rt else "") + " | "
+                     + (f"{rt['activation_bytes']:.3f}" if rt else "") + " |")
+    if res.get("data_loader_fraction") is not None:
+        lines.append(f"data loader: {100 * res['data_loader_fraction']:.2f}% of the fastest step")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
