@@ -58,8 +58,9 @@ class ModelConfig:
     """Std of the embedding and key-token init; value tokens use 2/(L*sqrt(d))."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
-    fused_pattention: bool = True
-    """Pattention with a hand-written backward that keeps only the scores (False: plain autograd)."""
+    pattention_impl: Literal["fused", "compiled", "reference"] = "fused"
+    """fused: hand-written backward keeping only the scores; compiled: the same with torch.compile'd
+    elementwise kernels (GPUs); reference: autograd through the formulas."""
 
 
 @dataclass

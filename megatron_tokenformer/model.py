@@ -60,7 +60,7 @@ class Block(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads // M._size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
         kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std, tp_group=tp_group,
-                  fused=cfg.fused_pattention)
+                  impl=cfg.pattention_impl)
         self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.qkv = Pattention(d, d, cfg.qkv_tokens, groups=3, output="scatter", **kw)
         self.proj = Pattention(d, d, cfg.proj_tokens, input="sharded", **kw)

@@ -23,6 +23,7 @@ from torch import nn
 from . import mappings as M
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
+IMPLS = ("fused", "compiled", "reference")
 EPS = 1e-6  # inside the row norm: an all-zero score row gives 0, not NaN
 
 
@@ -65,72 +66,97 @@ def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(z * SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * INV_SQRT_2PI
 
 
+def _theta_fwd(s_c, norm: str, tau: float, eps: float, group):
+    """theta of compute-dtype scores: (A in the compute dtype, fp32 row statistics to keep)."""
+    s = _wide(s_c)
+    if norm == "l2_norm_gelu":
+        r = torch.rsqrt(M.all_reduce_sum(s.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
+        return F.gelu(s * (tau * r)).to(s_c.dtype), (r,)
+    if norm == "gelu_l2_norm":
+        gl = F.gelu(s)
+        r = torch.rsqrt(M.all_reduce_sum(gl.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
+        return (gl * (tau * r)).to(s_c.dtype), (r,)
+    m = M.max_stat(s.amax(-1, keepdim=True), group)
+    e = torch.exp(s - m)
+    z = M.all_reduce_sum(e.sum(-1, keepdim=True), group, "fwd", "sum_stat")
+    return (e * (tau / z)).to(s_c.dtype), (m, z)
+
+
+def _theta_bwd(s_c, stats, d_a_c, norm: str, tau: float, group):
+    """Recompute A from the kept scores and statistics; the score gradient from A's gradient."""
+    s, d_a = _wide(s_c), _wide(d_a_c)
+
+    def row_sum(t):  # a statistic every rank used, so its gradient sums over the group
+        return M.all_reduce_sum(t.sum(-1, keepdim=True), group, "bwd", "sum_stat")
+
+    if norm == "l2_norm_gelu":
+        (r,) = stats
+        z = s * (tau * r)
+        a = F.gelu(z)
+        d_z = d_a * _gelu_grad(z)
+        d_s = (tau * r) * (d_z - (r * r) * s * row_sum(d_z * s))
+    elif norm == "gelu_l2_norm":
+        (r,) = stats
+        gl = F.gelu(s)
+        a = gl * (tau * r)
+        d_s = (tau * r) * (d_a - (r * r) * gl * row_sum(d_a * gl)) * _gelu_grad(s)
+    else:
+        m, zsum = stats
+        p = torch.exp(s - m) / zsum
+        a = tau * p
+        d_s = a * (d_a - row_sum(d_a * p))
+    return a.to(s_c.dtype), d_s.to(s_c.dtype)
+
+
+_compiled: dict = {}
+
+
+def _kernels(compiled: bool, group):
+    """The elementwise passes, eager or torch.compile'd into fused kernels (tensor group of one:
+    collectives stay outside compiled code)."""
+    if not compiled or M._size(group) > 1:
+        return _theta_fwd, _theta_bwd
+    if not _compiled:
+        # One specialisation per (norm, tau, shape, dtype): a model has a handful; allow them all.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled["fwd"], _compiled["bwd"] = torch.compile(_theta_fwd), torch.compile(_theta_bwd)
+    return _compiled["fwd"], _compiled["bwd"]
+
+
 class _FusedPattention(torch.autograd.Function):
     """S = x K^T, A = theta(S), O = A V with a hand-written backward.
 
     Autograd through `theta` keeps three (T, n) tensors per layer (S, the pre-activation and A);
     this keeps only S, in the compute dtype, plus one fp32 statistic per row, and recomputes the
-    elementwise rest in backward, where it is fused into one pass per reduction. Row statistics
-    are summed over the tensor group in both directions (the only collectives inside).
+    elementwise rest in backward. Row statistics are summed over the tensor group in both
+    directions (the only collectives inside). With `compiled`, the elementwise passes run as
+    torch.compile'd kernels: one or two passes over the scores each way.
     Shapes: x (N, in), K (g, n, in), V (g, n, out) -> O (g, N, out); theta over each group's n.
     """
 
     @staticmethod
-    def forward(ctx, x, K, V, norm, tau, eps, group):
+    def forward(ctx, x, K, V, norm, tau, eps, group, compiled=False):
         g, n, d_in = K.shape
         s = (x @ K.reshape(g * n, d_in).t()).view(-1, g, n)
-        a, stats = _FusedPattention._theta(_wide(s), norm, tau, eps, group)
+        fwd, _ = _kernels(compiled, group)
+        a, stats = fwd(s, norm, tau, eps, group)
         out = torch.bmm(a.to(V.dtype).transpose(0, 1), V)
         ctx.save_for_backward(x, K, V, s, *stats)
-        ctx.norm, ctx.tau, ctx.group = norm, tau, group
+        ctx.norm, ctx.tau, ctx.group, ctx.compiled = norm, tau, group, compiled
         return out
 
     @staticmethod
-    def _theta(s, norm, tau, eps, group):
-        if norm == "l2_norm_gelu":
-            r = torch.rsqrt(M.all_reduce_sum(s.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
-            return F.gelu(s * (tau * r)), (r,)
-        if norm == "gelu_l2_norm":
-            gl = F.gelu(s)
-            r = torch.rsqrt(M.all_reduce_sum(gl.square().sum(-1, keepdim=True), group, "fwd", "sum_stat") + eps)
-            return gl * (tau * r), (r,)
-        m = M.max_stat(s.amax(-1, keepdim=True), group)
-        e = torch.exp(s - m)
-        z = M.all_reduce_sum(e.sum(-1, keepdim=True), group, "fwd", "sum_stat")
-        return e * (tau / z), (m, z)
-
-    @staticmethod
     def backward(ctx, d_out):
-        x, K, V, s_c, *stats = ctx.saved_tensors
-        norm, tau, group = ctx.norm, ctx.tau, ctx.group
+        x, K, V, s, *stats = ctx.saved_tensors
         g, n, d_in = K.shape
-        s = _wide(s_c)
-        d_a = _wide(torch.bmm(d_out, V.transpose(1, 2)).transpose(0, 1))          # (N, g, n)
-
-        def row_sum(t):  # a statistic every rank used, so its gradient sums over the group
-            return M.all_reduce_sum(t.sum(-1, keepdim=True), group, "bwd", "sum_stat")
-
-        if norm == "l2_norm_gelu":
-            (r,) = stats
-            z = s * (tau * r)
-            a = F.gelu(z)
-            d_z = d_a * _gelu_grad(z)
-            d_s = (tau * r) * (d_z - (r * r) * s * row_sum(d_z * s))
-        elif norm == "gelu_l2_norm":
-            (r,) = stats
-            gl = F.gelu(s)
-            a = gl * (tau * r)
-            d_s = (tau * r) * (d_a - (r * r) * gl * row_sum(d_a * gl)) * _gelu_grad(s)
-        else:
-            m, zsum = stats
-            p = torch.exp(s - m) / zsum
-            a = tau * p
-            d_s = a * (d_a - row_sum(d_a * p))
+        d_a = torch.bmm(d_out, V.transpose(1, 2)).transpose(0, 1)                   # (N, g, n)
+        _, bwd = _kernels(ctx.compiled, ctx.group)
+        a, d_s = bwd(s, tuple(stats), d_a, ctx.norm, ctx.tau, ctx.group)
         d_v = torch.bmm(a.to(V.dtype).transpose(0, 1).transpose(1, 2), d_out)       # (g, n, out)
         d_s = d_s.to(x.dtype).reshape(-1, g * n)
         d_x = d_s @ K.reshape(g * n, d_in)
         d_k = (d_s.t() @ x).view(g, n, d_in)
-        return d_x, d_k, d_v, None, None, None, None
+        return d_x, d_k, d_v, None, None, None, None, None
 
 
 class Pattention(nn.Module):
@@ -143,11 +169,13 @@ class Pattention(nn.Module):
     With a tensor-parallel `tp_group` of size p, this rank holds num_tokens/p tokens. `input`:
     "replicated" (every rank has x) or "sharded" (x split on its last dim, gathered first).
     `output`: "reduce" (full output on every rank) or "scatter" (this rank's slice of the last dim).
+    `impl`: "fused" (hand-written backward keeping only the scores), "compiled" (the same with its
+    elementwise passes compiled into fused kernels) or "reference" (autograd through the formulas).
     """
 
     def __init__(self, in_features: int, out_features: int, num_tokens: int, norm: str = "l2_norm_gelu",
                  tau: float | None = None, groups: int = 1, key_std: float = 0.02, value_std: float = 0.02,
-                 tp_group=None, input: str = "replicated", output: str = "reduce", fused: bool = True):
+                 tp_group=None, input: str = "replicated", output: str = "reduce", impl: str = "fused"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
@@ -156,7 +184,9 @@ class Pattention(nn.Module):
             raise ValueError(f"{num_tokens} parameter tokens do not split over {tp} tensor-parallel ranks")
         self.in_features, self.out_features, self.num_tokens = in_features, out_features, num_tokens
         self.norm, self.groups = norm, groups
-        self.tp_group, self.input, self.output, self.fused = tp_group, input, output, fused
+        if impl not in IMPLS:
+            raise ValueError(f"unknown Pattention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+        self.tp_group, self.input, self.output, self.impl = tp_group, input, output, impl
         self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)  # global n
         lead = (groups,) if groups > 1 else ()
         local = num_tokens // tp
@@ -193,12 +223,13 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grp = self.tp_group
         x = M.all_gather(x, grp) if self.input == "sharded" else M.copy_to(x, grp)
-        if self.fused:
+        if self.impl != "reference":
             k, v = self.key_tokens, self.value_tokens
             if self.groups == 1:
                 k, v = k.unsqueeze(0), v.unsqueeze(0)
             lead = x.shape[:-1]
-            out = _FusedPattention.apply(x.reshape(-1, self.in_features), k, v, self.norm, self.tau, EPS, grp)
+            out = _FusedPattention.apply(x.reshape(-1, self.in_features), k, v, self.norm, self.tau, EPS, grp,
+                                         self.impl == "compiled")
             out = out.view(self.groups, *lead, self.out_features)
             if self.groups == 1:
                 out = out[0]

@@ -69,13 +69,15 @@ def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 
 def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, steps: int, warmup: int,
-                compile_model: bool, peak: float) -> dict:
+                compile_model: str | None, peak: float) -> dict:
     torch.manual_seed(0)
     model = build().to(device=device, dtype=dtype)
     act_bytes = saved_activation_bytes(model, ids)
-    if compile_model:  # regional: one compiled graph serves every block (fast to compile)
+    if compile_model == "blocks":  # regional: one compiled graph serves every block (fast to compile)
         for block in model.blocks:
             block.compile()
+    elif compile_model == "model":
+        model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step():
@@ -102,7 +104,7 @@ def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, step
            "flops_per_token": flops_per_token, "tflops": flops_per_token * tokens / step_s / 1e12,
            "mfu": flops_per_token * tokens / step_s / peak, "activation_bytes_per_token": act_bytes / tokens,
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "warmup_s": warm_s, "final_loss": float(loss)}
+           "warmup_s": warm_s, "final_loss": loss.item()}
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -115,18 +117,22 @@ def check_fused(device: torch.device) -> list[dict]:
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         for norm in ("l2_norm_gelu", "gelu_l2_norm", "softmax"):
             torch.manual_seed(0)
-            ref = Pattention(256, 256, 512, norm=norm, groups=3, fused=False).to(device, dtype)
-            fused = Pattention(256, 256, 512, norm=norm, groups=3).to(device, dtype)
-            fused.load_state_dict(ref.state_dict())
+            layers = [Pattention(256, 256, 512, norm=norm, groups=3, impl=impl).to(device, dtype)
+                      for impl in ("reference", "fused", "compiled")]
+            for layer in layers[1:]:
+                layer.load_state_dict(layers[0].state_dict())
             x = torch.randn(4, 128, 256, device=device, dtype=dtype)
             res = []
-            for layer in (ref, fused):
+            for layer in layers:
                 xi = x.clone().requires_grad_()
                 y = layer(xi)
                 y.float().square().sum().backward()
                 res.append([y, xi.grad, layer.key_tokens.grad, layer.value_tokens.grad])
-            errs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(*res)]
-            out.append({"dtype": str(dtype), "norm": norm, "max_rel_error": max(errs), "ok": max(errs) <= tol})
+            for impl, got in zip(("fused", "compiled"), res[1:]):
+                errs = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                        for a, b in zip(got, res[0])]
+                out.append({"impl": impl, "dtype": str(dtype), "norm": norm, "max_rel_error": max(errs),
+                            "ok": max(errs) <= tol})
     return out
 
 
@@ -153,8 +159,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="fused,reference,compiled",
-                    help="TokenFormer variants among fused, reference, compiled")
+    ap.add_argument("--variants", default="fused,kernels,reference,compiled",
+                    help="TokenFormer variants: fused (eager, hand-written backward), kernels (fused with "
+                         "compiled elementwise kernels), reference (autograd), compiled (torch.compile of the "
+                         "fused model)")
+    ap.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                    help="what the compiled variants compile: each block (regional) or the whole model")
     ap.add_argument("--no-compile-baseline", action="store_true")
     ap.add_argument("--check", action="store_true", help="check the fused Pattention against the reference first")
     ap.add_argument("--json", help="write the results here")
@@ -165,7 +175,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else torch.float32
     vocab = cfg.model.vocab_size or 4096
     peak, peak_src = peak_flops(device, dtype)
-    result = {"config": args.config, "overrides": args.overrides, "device": peak_src, "dtype": str(dtype),
+    result = {"config": args.config, "overrides": args.overrides, "compile_scope": args.compile_scope, "device": peak_src, "dtype": str(dtype),
               "torch": torch.__version__, "micro_batch_size": cfg.train.micro_batch_size,
               "seq_length": cfg.model.seq_length, "peak_flops": peak, "date": time.strftime("%Y-%m-%d")}
     if args.check:
@@ -175,16 +185,19 @@ def main() -> None:
     ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_length + 1), device=device)
     tf_flops, gpt_flops = model_flops_per_token(cfg.model, vocab), gpt_flops_per_token(cfg.model, vocab)
 
-    def tokenformer(fused: bool):
+    impl = {"fused": "fused", "kernels": "compiled", "reference": "reference", "compiled": "fused"}
+
+    def tokenformer(variant: str):
         m = cfg.model
-        return lambda: TokenFormerModel(type(m)(**{**m.__dict__, "fused_pattention": fused}), vocab, seed=0)
+        return lambda: TokenFormerModel(type(m)(**{**m.__dict__, "pattention_impl": impl[variant]}), vocab, seed=0)
 
     rows = []
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plan = [(f"tokenformer-{v}", tokenformer(v != "reference"), tf_flops, v == "compiled") for v in variants]
-    plan.append(("gpt-eager", lambda: GPTModel(cfg.model, vocab), gpt_flops, False))
+    scope = args.compile_scope
+    plan = [(f"tokenformer-{v}", tokenformer(v), tf_flops, scope if v == "compiled" else None) for v in variants]
+    plan.append(("gpt-eager", lambda: GPTModel(cfg.model, vocab), gpt_flops, None))
     if not args.no_compile_baseline:
-        plan.append(("gpt-compiled", lambda: GPTModel(cfg.model, vocab), gpt_flops, True))
+        plan.append(("gpt-compiled", lambda: GPTModel(cfg.model, vocab), gpt_flops, scope))
     for name, build, flops, comp in plan:
         row = run_variant(name, build, flops, ids, device, dtype, args.steps, args.warmup, comp, peak)
         rows.append(row)
@@ -208,7 +221,7 @@ def main() -> None:
 
 def table(res: dict) -> str:
     lines = [f"{res['config']} {' '.join(res['overrides'])} on {res['device']}, {res['dtype']}, "
-             f"micro-batch {res['micro_batch_size']} x seq {res['seq_length']}",
+             f"micro-batch {res['micro_batch_size']} x seq {res['seq_length']}, compiled: {res['compile_scope']}",
              "| variant | step ms | tokens/s | TFLOP/s | MFU | act. bytes/token | peak GB | step vs baseline | act. vs baseline |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
