@@ -114,8 +114,8 @@ _compiled: dict = {}
 def _kernels(compiled: bool, group):
     """The elementwise passes, eager or torch.compile'd into fused kernels (tensor group of one:
     collectives stay outside compiled code)."""
-    if not compiled or M._size(group) > 1:
-        return _theta_fwd, _theta_bwd
+    if not compiled or M._size(group) > 1 or torch.compiler.is_compiling():
+        return _theta_fwd, _theta_bwd  # (inside a compiled model, the outer compile fuses them)
     if not _compiled:
         # One specialisation per (norm, tau, shape, dtype): a model has a handful; allow them all.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

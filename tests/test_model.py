@@ -66,3 +66,21 @@ def test_activation_checkpointing_same_gradients():
         m(ids[:, :-1], ids[:, 1:]).backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-12, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", ["150M", "450M", "757M"])
+def test_gpt_baseline_has_equal_flops(name):
+    from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token
+    from megatron_tokenformer.model import model_flops_per_token
+
+    cfg = load_config(f"configs/{name}.yml")
+    tf = model_flops_per_token(cfg.model, 50304)
+    assert abs(gpt_flops_per_token(cfg.model, 50304) - tf) / tf < 0.002
+    with torch.device("meta"):
+        gpt = GPTModel(cfg.model, 50304)
+    # Its parameters do the same FLOPs per token: 2 per weight (non-embedding), as for Pattention tokens.
+    lin = sum(p.numel() for n, p in gpt.named_parameters() if n.startswith("blocks") and p.dim() == 2)
+    with torch.device("meta"):
+        tfm = TokenFormerModel(cfg.model, 50304)
+    tok = sum(p.numel() for n, p in tfm.named_parameters() if n.startswith("blocks"))
+    assert abs(lin - tok) / tok < 0.002

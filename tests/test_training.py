@@ -111,3 +111,12 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, overrides, words):
     for w in words:
         assert w in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compiled_training_matches_eager(corpus, tmp_path, dp1_losses):
+    """train.compile (blocks compiled) with the compiled Pattention kernels trains the same model."""
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.compile=true",
+                    "model.pattention_impl=compiled"], nproc=1)
+    got = losses(tmp_path)
+    for step in dp1_losses:
+        assert got[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, got, dp1_losses)
