@@ -83,6 +83,20 @@ HEADER = ("| TP | PP | DP | ZeRO | act. ckpt | micro-batches | weights GB | grad
           "activations GB | total GB | step s | tokens/s | bubble |\n|" + "---|" * 14)
 
 
+def tp_bytes_per_token(cfg: ModelConfig, tensor: int, wbytes: int, layers: int | None = None,
+                       ends: bool = True) -> float:
+    """Bytes each tensor-parallel rank sends per token, forward + backward (mappings.py's counter):
+    per block 16·d activations (Q/K/V reduce-scatter 3d, proj all-gather d, two all-reduces of d, and
+    their conjugates) plus 5 fp32 row statistics each way; the embedding's all-reduce, the head's
+    input-gradient all-reduce and the loss's 3 row statistics."""
+    if tensor == 1:
+        return 0.0
+    layers = cfg.num_layers if layers is None else layers
+    d = cfg.hidden_size
+    per_block = 16 * d * wbytes + 2 * 2 * 5 * 4
+    return (tensor - 1) / tensor * (layers * per_block + ((4 * d * wbytes + 2 * 3 * 4) if ends else 0))
+
+
 def stage_params(cfg: ModelConfig, vocab: int, pipeline: int) -> tuple[list[tuple[int, int]], list[int]]:
     """(sharded, replicated) parameter counts of each pipeline stage at tensor size 1, and the cut."""
     d = cfg.hidden_size
@@ -128,9 +142,8 @@ def estimate(cfg: Config, vocab: int, tensor: int, pipeline: int, data: int, zer
     def link(span: int) -> float:  # ranks `span` apart (consecutive when 1) share a node or not
         return intra_gbps if span < gpus_per_node else inter_gbps
 
-    # tensor parallel: 16 d (t-1)/t elements per token per block (fwd+bwd), + embedding/head 4d
-    tp_bytes = (16 * m.num_layers / pipeline + 4) * m.hidden_size * (tensor - 1) / tensor * wbytes
-    tp_time = tp_bytes * tokens / (pipeline * data) / (link(tensor) * 1e9) if tensor > 1 else 0.0
+    tp_bytes = tp_bytes_per_token(m, tensor, wbytes, layers=blocks_per_stage)
+    tp_time = tp_bytes * tokens / data / (link(tensor) * 1e9) if tensor > 1 else 0.0
     pp_time = (2 * m_count * micro * m.hidden_size * wbytes / tensor / (link(tensor * pipeline) * 1e9)
                if pipeline > 1 else 0.0)
     # gradient reduce-scatter + all-gather (ZeRO 0-2); ZeRO-3 also gathers the weights in backward

@@ -81,6 +81,10 @@ def _model(rank, world, norm):
         close(M.gather_param(tp(ids), group, -1), ref(ids), 'logits')
     _check_params(tp, ref, group)
     assert comm[("copy_to", "bwd")] > 0 and comm[("reduce_scatter", "fwd")] > 0
+    # the planner's and the benchmark's formula is the counter's figure
+    from megatron_tokenformer.planner import tp_bytes_per_token
+
+    assert sum(comm.values()) == pytest.approx(tp_bytes_per_token(cfg, world, 4) * ids[:, :-1].numel(), rel=1e-9)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,7 +5,9 @@
 For each variant (TokenFormer with the fused Pattention, with plain autograd, compiled; the GPT
 baseline eager and compiled) it runs warm training steps (forward, backward, AdamW) on random
 tokens and reports tokens/s, model FLOPs per token, MFU, peak memory (GPU), activation bytes kept
-for backward per token (counted in eager mode), and the ratios against the baseline. `--check` first compares the fused
+for backward per token (counted in eager mode), the tensor-parallel bytes each rank would send per
+token at the config's parallel.tensor (the formula tests check against mappings.py's counter), and
+the ratios against the baseline. `--check` first compares the fused
 Pattention with the reference on this device. Runs on one GPU or on the CPU; needs no DeepSpeed.
 """
 from __future__ import annotations
@@ -175,7 +177,12 @@ def main() -> None:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else torch.float32
     vocab = cfg.model.vocab_size or 4096
     peak, peak_src = peak_flops(device, dtype)
-    result = {"config": args.config, "overrides": args.overrides, "compile_scope": args.compile_scope, "device": peak_src, "dtype": str(dtype),
+    from megatron_tokenformer.planner import tp_bytes_per_token
+
+    wbytes = 2 if dtype == torch.bfloat16 else 4
+    result = {"config": args.config, "overrides": args.overrides, "compile_scope": args.compile_scope,
+              # at parallel.tensor of the config; the run itself is on one device
+              "tp_collective_bytes_per_token": tp_bytes_per_token(cfg.model, cfg.parallel.tensor, wbytes), "device": peak_src, "dtype": str(dtype),
               "torch": torch.__version__, "micro_batch_size": cfg.train.micro_batch_size,
               "seq_length": cfg.model.seq_length, "peak_flops": peak, "date": time.strftime("%Y-%m-%d")}
     if args.check:
@@ -232,6 +239,9 @@ def table(res: dict) -> str:
                      f"{r['activation_bytes_per_token']:.0f} | {mem} | "
                      + (f"{rt['step_time']:.3f} ({rt['vs']})" if rt else "") + " | "
                      + (f"{rt['activation_bytes']:.3f}" if rt else "") + " |")
+    if res["tp_collective_bytes_per_token"]:
+        lines.append(f"tensor-parallel collectives at parallel.tensor of the config: "
+                     f"{res['tp_collective_bytes_per_token']:.0f} bytes sent per rank per token")
     if res.get("data_loader_fraction") is not None:
         lines.append(f"data loader: {100 * res['data_loader_fraction']:.2f}% of the fastest step")
     return "\n".join(lines)
