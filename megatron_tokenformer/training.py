@@ -125,7 +125,7 @@ def pretrain(cfg: Config) -> dict:
     # a different one per data-parallel rank.
     torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
 
-    resume = C.find_resume(cfg)
+    resume = D.broadcast_object(C.find_resume(cfg) if rank == 0 else None)  # rank 0 verifies the manifests
     resume_meta = C.load(engine, cfg, grid, *resume) if resume else None
     step = resume_meta["step"] if resume_meta else 0
     consumed = resume_meta["consumed_samples"] if resume_meta else 0

@@ -1,0 +1,133 @@
+"""Checkpoints: atomic and verified, newest good one resumed, clean failures, read back from any layout."""
+import json
+import resource
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, env, launch, metrics
+from megatron_tokenformer import load_model
+from megatron_tokenformer.checkpoint import CheckpointError, global_state_dict, newest_good, verify
+
+DEEP = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
+        "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
+        "train.global_batch_size=8", "log.interval=1", "log.progress=false", "eval.interval=0",
+        "log.wandb_mode=disabled", "train.steps=3", "checkpoint.interval=2", "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """The same training at three layouts: one process, PP=2, and TP=2 x PP=2."""
+    out = {}
+    for name, over, nproc in (("single", [], 1), ("pp2", ["parallel.pipeline=2"], 2),
+                              ("tp2pp2", ["parallel.tensor=2", "parallel.pipeline=2"], 4)):
+        run = tmp_path_factory.mktemp(name)
+        launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", *over], nproc=nproc)
+        out[name] = run / "checkpoints"
+    return out
+
+
+def test_load_model_from_any_layout_and_export(runs, tmp_path):
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ref_model, cfg = load_model(runs["single"])
+    assert cfg.model.num_layers == 4 and not ref_model.training
+    with torch.no_grad():
+        ref = ref_model(ids)
+        for name in ("pp2", "tp2pp2"):
+            got = load_model(runs[name])[0](ids)
+            err = (got - ref).abs().max() / ref.abs().max()
+            assert err < 1e-4, (name, err.item())  # the layouts train the same model
+    # export: one safetensors file + config.json, read back into the same logits
+    out = subprocess.run([sys.executable, "tools/export.py", "--load", str(runs["tp2pp2"]), "--out",
+                          str(tmp_path / "exp")], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    from safetensors.torch import load_file
+
+    from megatron_tokenformer import TokenFormerModel
+    from megatron_tokenformer.config import config_from_dict
+
+    info = json.loads((tmp_path / "exp" / "config.json").read_text())
+    model = TokenFormerModel(config_from_dict(info["config"]).model, info["vocab_size"])
+    state = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    state.update({f"{k}._extra_state": {"tau": v} for k, v in info["tau"].items()})
+    model.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), load_model(runs["tp2pp2"])[0](ids), rtol=0, atol=0)
+    again = subprocess.run([sys.executable, "tools/export.py", "--load", str(runs["tp2pp2"]), "--out",
+                            str(tmp_path / "exp")], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
+    ckpt = _copy(runs["single"], tmp_path / "ckpt")
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert verify(ckpt / "step_00000003") is None and newest_good(ckpt) == "step_00000003"
+    model_file = ckpt / "step_00000003" / "mp_rank_00_model_states.pt"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    model_file.write_bytes(bytes(data))
+    assert "checksum" in verify(ckpt / "step_00000003")
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000003.*checksum"):
+        assert newest_good(ckpt) == "step_00000002"
+    with pytest.raises(CheckpointError, match="damaged.*checksum"):
+        global_state_dict(ckpt / "step_00000003")
+    model_file.write_bytes(bytes(data[:1000]))
+    assert "truncated" in verify(ckpt / "step_00000003")
+    model_file.unlink()
+    assert "missing" in verify(ckpt / "step_00000003")
+    (ckpt / "step_00000004.partial").mkdir()  # a write killed midway is never taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert newest_good(ckpt) == "step_00000002"
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        global_state_dict(tmp_path)
+
+
+def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
+    run = tmp_path / "run"
+    _copy(runs["single"], run / "checkpoints")
+    victim = run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    out = launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", "train.steps=4"], launcher="python")
+    text = out.stdout + out.stderr
+    assert "skipping checkpoint" in text and "step_00000003" in text
+    assert "at step 2" in text
+    assert [m["step"] for m in metrics(run)] == [3, 4]
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_failed_write_stops_cleanly_and_keeps_the_previous(corpus, runs, tmp_path):
+    run = tmp_path / "run"
+    _copy(runs["single"], run / "checkpoints")
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yml"),
+           *DEEP, f"data.path={corpus}", f"log.dir={run}", "train.steps=4", "checkpoint.interval=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, preexec_fn=_limit_file_size,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "could not write checkpoint" in proc.stderr and "step_00000004" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert newest_good(run / "checkpoints") == "step_00000003"
+    assert not (run / "checkpoints" / "step_00000004").exists()
+
+
+def test_mismatched_config_names_the_fields(corpus, runs, tmp_path):
+    run = tmp_path / "run"
+    _copy(runs["single"], run / "checkpoints")
+    out = launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", "train.steps=4", "model.ffn_tokens=256"],
+                 launcher="python", check=False)
+    assert out.returncode == 2
+    assert "model.ffn_tokens: checkpoint 128 vs config 256" in out.stderr and "expand_params.py" in out.stderr

@@ -1,0 +1,50 @@
+"""Export a checkpoint of any layout as one safetensors file plus config.json.
+
+    python tools/export.py --load runs/tiny/checkpoints --out exported/tiny
+
+`config.json` holds the resolved training config, the vocab size, the step and each Pattention's
+tau (a per-layer constant that is part of the function). Load the result with
+`megatron_tokenformer.load_model` (checkpoints) or `safetensors.torch.load_file` + TokenFormerModel.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_tokenformer.checkpoint import CheckpointError, global_state_dict  # noqa: E402
+
+
+def export(load: str, out: str) -> Path:
+    from safetensors.torch import save_file
+
+    state, meta = global_state_dict(load)
+    tensors = {k: v.contiguous() for k, v in state.items() if hasattr(v, "contiguous")}
+    tau = {k.removesuffix("._extra_state"): v["tau"] for k, v in state.items() if k.endswith("._extra_state")}
+    dst = Path(out)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst} exists and is not empty; choose a new --out")
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({"config": meta["config"], "vocab_size": meta["vocab_size"],
+                                                  "step": meta["step"], "tau": tau,
+                                                  "source_layout": meta["layout"]}, indent=1))
+    return dst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", required=True, help="checkpoint.dir of a run, or one step_* directory in it")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    try:
+        print(f"wrote {export(args.load, args.out)}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
