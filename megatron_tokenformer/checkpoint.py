@@ -90,7 +90,7 @@ def verify(path: Path) -> str | None:
 
 
 def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, run_info: dict,
-         vocab_size: int) -> Path:
+         vocab_size: int, tokenizer_sha256: str) -> Path:
     ckpt_dir = cfg.checkpoint_dir
     tag = tag_for(step)
     tmp = ckpt_dir / (tag + PARTIAL)
@@ -104,7 +104,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
         D.barrier()
         if grid.rank == 0:
             meta = {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
-                    "vocab_size": vocab_size, "world_size": grid.world_size,
+                    "vocab_size": vocab_size, "tokenizer_sha256": tokenizer_sha256, "world_size": grid.world_size,
                     "layout": {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
                                "zero_stage": cfg.parallel.zero_stage},
                     "config": cfg.to_dict(), "run_info": run_info}
@@ -170,9 +170,14 @@ def check_compatible(meta: dict, cfg: Config, where: Path) -> None:
     raise CheckpointError(f"checkpoint {where} does not match the model config: " + "; ".join(diff) + "." + hint)
 
 
-def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str) -> dict:
+def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, tokenizer_sha256: str) -> dict:
     """Restore engine state and RNG; returns meta.json (step, consumed_samples, ...)."""
     meta = read_meta(ckpt_dir, tag)
+    if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir / tag} was trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}) "
+            f"than the data in data.path={cfg.data.path} (sha256 {tokenizer_sha256[:12]}); point data.path at "
+            "the data the run was trained on, or start a new checkpoint.dir")
     check_compatible(meta, cfg, ckpt_dir / tag)
     now = {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data, "zero_stage": cfg.parallel.zero_stage}
     if meta["layout"] != now:

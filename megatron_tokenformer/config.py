@@ -218,7 +218,8 @@ def describe() -> str:
         docs = _field_docs(cls)
         lines.append(f"{sec.name}:")
         for f in fields(cls):
-            lines.append(f"  {sec.name}.{f.name} = {f.default!r}  # {docs.get(f.name, '')}")
+            doc = " ".join(docs.get(f.name, "").split())
+            lines.append(f"  {sec.name}.{f.name} = {f.default!r}  # {doc}")
     return "\n".join(lines)
 
 

@@ -87,13 +87,14 @@ def tp_bytes_per_token(cfg: ModelConfig, tensor: int, wbytes: int, layers: int |
                        ends: bool = True) -> float:
     """Bytes each tensor-parallel rank sends per token, forward + backward (mappings.py's counter):
     per block 16·d activations (Q/K/V reduce-scatter 3d, proj all-gather d, two all-reduces of d, and
-    their conjugates) plus 5 fp32 row statistics each way; the embedding's all-reduce, the head's
-    input-gradient all-reduce and the loss's 3 row statistics."""
+    their conjugates) plus 5 fp32 row statistics each way (softmax: 5 more, the row maxima, forward);
+    the embedding's all-reduce, the head's input-gradient all-reduce and the loss's 3 row statistics."""
     if tensor == 1:
         return 0.0
     layers = cfg.num_layers if layers is None else layers
     d = cfg.hidden_size
-    per_block = 16 * d * wbytes + 2 * 2 * 5 * 4
+    stats = 5 + 5 + (5 if cfg.norm == "softmax" else 0)  # all-reduced fp32 scalars per token, fwd + bwd
+    per_block = 16 * d * wbytes + 2 * stats * 4
     return (tensor - 1) / tensor * (layers * per_block + ((4 * d * wbytes + 2 * 3 * 4) if ends else 0))
 
 

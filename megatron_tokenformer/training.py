@@ -126,7 +126,7 @@ def pretrain(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
 
     resume = D.broadcast_object(C.find_resume(cfg) if rank == 0 else None)  # rank 0 verifies the manifests
-    resume_meta = C.load(engine, cfg, grid, *resume) if resume else None
+    resume_meta = C.load(engine, cfg, grid, *resume, meta.tokenizer_sha256) if resume else None
     step = resume_meta["step"] if resume_meta else 0
     consumed = resume_meta["consumed_samples"] if resume_meta else 0
 
@@ -187,7 +187,7 @@ def pretrain(cfg: Config) -> dict:
             monitor.log(step, metrics)
             last = {"step": step, **metrics}
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
-            path = C.save(engine, cfg, grid, step, batches.consumed_samples, run_info, vocab)
+            path = C.save(engine, cfg, grid, step, batches.consumed_samples, run_info, vocab, meta.tokenizer_sha256)
             monitor.message(f"step {step}: saved {path}")
         paused += time.perf_counter() - t0
     monitor.close()

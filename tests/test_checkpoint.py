@@ -131,3 +131,14 @@ def test_mismatched_config_names_the_fields(corpus, runs, tmp_path):
                  launcher="python", check=False)
     assert out.returncode == 2
     assert "model.ffn_tokens: checkpoint 128 vs config 256" in out.stderr and "expand_params.py" in out.stderr
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(corpus, runs, tmp_path):
+    from megatron_tokenformer.data import prepare
+
+    other = prepare(tmp_path / "other", [str(corpus / "raw")], vocab_size=500, num_proc=1, log=lambda *a: None)
+    run = tmp_path / "run"
+    _copy(runs["single"], run / "checkpoints")
+    out = launch(DEEP + [f"data.path={other.path}", f"log.dir={run}", "train.steps=4"], launcher="python",
+                 check=False)
+    assert out.returncode == 2 and "another tokenizer" in out.stderr and "data.path" in out.stderr
