@@ -140,9 +140,10 @@ def pretrain(cfg: Config) -> dict:
         n_params = count_parameters(TokenFormerModel(cfg.model, vocab))
     flops_per_token = model_flops_per_token(cfg.model, vocab)
     monitor.message(
-        f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) "
-        f"(tensor {grid.tensor} x pipeline {grid.pipeline} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, {train_set.__len__()} train "
-        f"samples; " + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
+        f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) (tensor {grid.tensor} "
+        f"x pipeline {grid.pipeline} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, "
+        f"{len(train_set)} train samples; "
+        + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
     if pipelined:
         monitor.message(partition_text)
 
@@ -164,8 +165,8 @@ def pretrain(cfg: Config) -> dict:
                 out = engine(m[:, :-1], m[:, 1:])
                 engine.backward(out)
                 engine.step()
-                losses.append(out.item())
-            loss = sum(losses) / len(losses)
+                losses.append(out.detach())
+            loss = torch.stack(losses).mean().item()  # one device sync per step, not per micro-batch
         step += 1
         (mean_loss,) = D.all_reduce_mean([loss], dev, ps.dp_group)
         window_loss, window_steps = window_loss + mean_loss, window_steps + 1

@@ -106,22 +106,30 @@ def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
     assert [m["step"] for m in metrics(run)] == [3, 4]
 
 
-def _limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-
-
 def test_failed_write_stops_cleanly_and_keeps_the_previous(corpus, runs, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) set on the running trainer makes its next checkpoint write fail."""
+    import re
+    import time
+
     run = tmp_path / "run"
     _copy(runs["single"], run / "checkpoints")
+    log_path = tmp_path / "log.txt"
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yml"),
-           *DEEP, f"data.path={corpus}", f"log.dir={run}", "train.steps=4", "checkpoint.interval=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, preexec_fn=_limit_file_size,
-                          timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "could not write checkpoint" in proc.stderr and "step_00000004" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert newest_good(run / "checkpoints") == "step_00000003"
-    assert not (run / "checkpoints" / "step_00000004").exists()
+           *DEEP, f"data.path={corpus}", f"log.dir={run}", "train.steps=200", "checkpoint.interval=1"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        # limit the process once it trains (DeepSpeed may compile an op at start-up, which needs the disk)
+        while "TokenFormer:" not in log_path.read_text() and proc.poll() is None:
+            time.sleep(0.01)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))
+        proc.wait(timeout=600)
+    text = log_path.read_text()
+    assert proc.returncode == 2, text[-3000:]
+    failed = re.search(r"could not write checkpoint \S*(step_\d+)", text)
+    assert failed and "Traceback" not in text, text[-3000:]
+    good = newest_good(run / "checkpoints")
+    assert good is not None and good < failed.group(1) and verify(run / "checkpoints" / good) is None
+    assert not (run / "checkpoints" / failed.group(1)).exists()
 
 
 def test_mismatched_config_names_the_fields(corpus, runs, tmp_path):

@@ -1,0 +1,68 @@
+"""Faults: a training process SIGKILLed at seeded random points, during steps and during checkpoint
+writes, always resumes from its newest good checkpoint and ends with the losses of a run never killed."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import ROOT, env, launch, losses
+
+RUN = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
+       "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=4",
+       "train.global_batch_size=8", "log.interval=1", "log.progress=false", "eval.interval=0",
+       "log.wandb_mode=disabled", "train.steps=40", "checkpoint.interval=1", "checkpoint.keep_last=2",
+       "model.dropout=0.1"]
+
+
+def _start(args, log_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yml"), *args]
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _wait_for(pred, proc, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if pred():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
+    args = RUN + [f"data.path={corpus}"]
+    launch(args + [f"log.dir={tmp_path / 'straight'}"], launcher="python")
+    want = losses(tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    ckpt = run / "checkpoints"
+    rng = random.Random(20261127)
+    kills = {"step": 0, "write": 0}
+    for attempt in range(10):
+        log_path = tmp_path / f"attempt{attempt}.log"
+        proc, log = _start(args + [f"log.dir={run}"], log_path)
+        started = _wait_for(lambda: "TokenFormer:" in log_path.read_text(), proc)
+        assert started, log_path.read_text()[-3000:]
+        if attempt % 2:  # during a checkpoint write: as soon as a .partial directory appears
+            hit = _wait_for(lambda: ckpt.is_dir() and any(p.name.endswith(".partial") for p in ckpt.iterdir()), proc)
+            kind = "write"
+        else:  # at a random moment of the training steps
+            time.sleep(rng.uniform(0.0, 0.6))
+            hit = proc.poll() is None
+            kind = "step"
+        if hit:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills[kind] += 1
+        proc.wait()
+        log.close()
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+    if proc.returncode != 0:
+        launch(args + [f"log.dir={run}"], launcher="python")  # let the last attempt finish
+    assert kills["write"] >= 5 and kills["step"] >= 5, kills  # 10 kills
+    got = losses(run)
+    assert sorted(got) == list(range(1, 41))
+    assert got == want  # bit-exact: weights, optimizer, data position and dropout RNG all restored
