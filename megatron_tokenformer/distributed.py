@@ -55,32 +55,26 @@ class ParallelState:
     @classmethod
     def build(cls, grid: Grid) -> "ParallelState":
         t, p, d = grid.tensor, grid.pipeline, grid.data
-        state = cls(grid)
-        # Every rank must create every group, in the same order.
-        for dp in range(d):
-            for pp in range(p):
-                ranks = [dp * t * p + pp * t + tp for tp in range(t)]
+
+        def rank(dp: int, pp: int, tp: int) -> int:
+            return dp * t * p + pp * t + tp
+
+        def mine(groups: list[list[int]]):
+            """Create every group (all ranks must, in the same order); return this rank's."""
+            found = None
+            for ranks in groups:
                 g = dist.new_group(ranks)
                 if grid.rank in ranks:
-                    state.tp_group = g
-        for dp in range(d):
-            for tp in range(t):
-                ranks = [dp * t * p + pp * t + tp for pp in range(p)]
-                g = dist.new_group(ranks)
-                if grid.rank in ranks:
-                    state.pp_group = g
-        for pp in range(p):
-            for tp in range(t):
-                ranks = [dp * t * p + pp * t + tp for dp in range(d)]
-                g = dist.new_group(ranks)
-                if grid.rank in ranks:
-                    state.dp_group = g
-        for dp in range(d):
-            ranks = list(range(dp * t * p, (dp + 1) * t * p))
-            g = dist.new_group(ranks)
-            if grid.rank in ranks:
-                state.mp_group = g
-        return state
+                    found = g
+            return found
+
+        return cls(
+            grid,
+            tp_group=mine([[rank(a, b, c) for c in range(t)] for a in range(d) for b in range(p)]),
+            pp_group=mine([[rank(a, b, c) for b in range(p)] for a in range(d) for c in range(t)]),
+            dp_group=mine([[rank(a, b, c) for a in range(d)] for b in range(p) for c in range(t)]),
+            mp_group=mine([[rank(a, b, c) for b in range(p) for c in range(t)] for a in range(d)]),
+        )
 
     def mpu(self) -> "DeepSpeedMPU":
         return DeepSpeedMPU(self)

@@ -29,6 +29,23 @@ from .pipeline import layer_costs, partition
 GB = 2**30
 
 
+def saved_tensor_bytes(module: torch.nn.Module, *inputs) -> tuple[torch.Tensor, int]:
+    """Run module(*inputs); return its output and the bytes autograd keeps for backward
+    (distinct storages, parameters excluded)."""
+    params = {p.data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*inputs)
+    return out, sum(seen.values())
+
+
 def block_activation_bytes(cfg: ModelConfig, dtype: torch.dtype, seq: int = 128) -> dict[str, float]:
     """Bytes one block keeps for backward per token (measured), split into the parameter-token
     scores (sharded by tensor parallelism) and the rest."""
@@ -36,18 +53,7 @@ def block_activation_bytes(cfg: ModelConfig, dtype: torch.dtype, seq: int = 128)
     torch.manual_seed(0)
     block = Block(small).to(dtype)
     x = torch.randn(1, seq, cfg.hidden_size, dtype=dtype, requires_grad=True)
-    params = {p.data_ptr() for p in block.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    total = sum(seen.values()) / seq
+    total = saved_tensor_bytes(block, x)[1] / seq
     n = 3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens
     # the fused Pattention keeps the scores once, in the compute dtype (the reference: three, fp32)
     per_score = torch.finfo(dtype).bits // 8 if cfg.pattention_impl != "reference" else 12

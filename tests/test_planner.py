@@ -6,26 +6,11 @@ import pytest
 import torch
 
 from megatron_tokenformer import TokenFormerModel, load_config
-from megatron_tokenformer.planner import GB, block_activation_bytes, estimate, plans
+from megatron_tokenformer.planner import GB, block_activation_bytes, estimate, plans, saved_tensor_bytes
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
         "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=4",
         "train.global_batch_size=4"]
-
-
-def _saved_bytes(model, ids):
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids[:, :-1], ids[:, 1:])
-    return loss, sum(seen.values())
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
@@ -40,7 +25,7 @@ def test_memory_figures_match_a_real_model(impl):
     assert plan.weights_gb * GB == pytest.approx(weights, rel=1e-6)
     assert plan.grads_gb * GB == pytest.approx(weights, rel=1e-6)
     ids = torch.randint(0, vocab, (4, 65))
-    loss, saved = _saved_bytes(model, ids)
+    loss, saved = saved_tensor_bytes(model, ids[:, :-1], ids[:, 1:])
     assert plan.activations_gb * GB == pytest.approx(saved, rel=0.15), (plan.activations_gb * GB, saved)
     loss.backward()
     opt = torch.optim.AdamW(model.parameters())

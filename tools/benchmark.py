@@ -26,6 +26,7 @@ from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token  # noqa:
 from megatron_tokenformer.config import load_config  # noqa: E402
 from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token  # noqa: E402
 from megatron_tokenformer.pattention import Pattention  # noqa: E402
+from megatron_tokenformer.planner import saved_tensor_bytes, tp_bytes_per_token  # noqa: E402
 
 # Dense peak FLOP/s (bf16 tensor cores; fp32 without TF32) by device name.
 PEAKS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
@@ -53,28 +54,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
-    params = {p.data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids[:, :-1], ids[:, 1:])
-    del loss
-    return sum(seen.values())
-
-
 def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, steps: int, warmup: int,
                 compile_model: str | None, peak: float) -> dict:
     torch.manual_seed(0)
     model = build().to(device=device, dtype=dtype)
-    act_bytes = saved_activation_bytes(model, ids)
+    act_bytes = saved_tensor_bytes(model, ids[:, :-1], ids[:, 1:])[1]
     if compile_model == "blocks":  # regional: one compiled graph serves every block (fast to compile)
         for block in model.blocks:
             block.compile()
@@ -177,8 +161,6 @@ def main() -> None:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else torch.float32
     vocab = cfg.model.vocab_size or 4096
     peak, peak_src = peak_flops(device, dtype)
-    from megatron_tokenformer.planner import tp_bytes_per_token
-
     wbytes = 2 if dtype == torch.bfloat16 else 4
     result = {"config": args.config, "overrides": args.overrides, "compile_scope": args.compile_scope,
               # at parallel.tensor of the config; the run itself is on one device
