@@ -15,7 +15,7 @@ import yaml
 
 from . import checkpoint as C
 from . import distributed as D
-from .config import Config, padded_vocab_size, validate
+from .config import Config, ConfigError, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
 from .pipeline import build_pipeline
@@ -81,6 +81,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def _check_precision(cfg: Config) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    ok = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}[cfg.train.precision]
+    if not ok:
+        raise ConfigError(f"train.precision={cfg.train.precision} is not supported on this device "
+                          f"({acc.device_name()}); use train.precision=bf16 or fp32")
+
+
 def _run_info(cfg: Config, resume_meta: dict | None) -> dict:
     """Identity of the run: git revision and a W&B id that stays the same across resumes."""
     info_path = cfg.run_dir / "run_info.json"
@@ -98,6 +108,7 @@ def pretrain(cfg: Config) -> dict:
     warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     rank, world = D.init_distributed()
     validate(cfg, world)
+    _check_precision(cfg)
     grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
     ps = D.ParallelState.build(grid)
     dev = D.device()

@@ -120,3 +120,11 @@ def test_compiled_training_matches_eager(corpus, tmp_path, dp1_losses):
     got = losses(tmp_path)
     for step in dp1_losses:
         assert got[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, got, dp1_losses)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU accelerator has no fp16")
+def test_fp16_on_cpu_is_a_clear_error(corpus, tmp_path):
+    proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16"], launcher="python",
+                  check=False)
+    assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr
+    assert "Traceback" not in proc.stderr
