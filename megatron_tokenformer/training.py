@@ -157,6 +157,9 @@ def pretrain(cfg: Config) -> dict:
         + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
     if pipelined:
         monitor.message(partition_text)
+    if step >= cfg.train.steps:
+        monitor.message(f"the checkpoint is at step {step} and train.steps={cfg.train.steps}: nothing to train; "
+                        "raise train.steps to continue")
 
     batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            grid.dp_rank, grid.data, consumed_samples=consumed)
