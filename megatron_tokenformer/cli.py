@@ -9,6 +9,7 @@ def run(config_path: str | None, overrides: list[str], help_config: bool = False
     from .config import ConfigError, describe, load_config
     from .data import DataError
     from .monitor import MonitorError
+    from .training import TrainingError
 
     if help_config:
         print(describe())
@@ -18,7 +19,7 @@ def run(config_path: str | None, overrides: list[str], help_config: bool = False
         from .training import pretrain
 
         pretrain(cfg)
-    except (ConfigError, DataError, CheckpointError, MonitorError) as e:
+    except (ConfigError, DataError, CheckpointError, MonitorError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -103,6 +103,8 @@ class TrainConfig:
     """Training precision; fp16 uses dynamic loss scaling, bf16 keeps fp32 master weights."""
     seed: int = 1234
     """Seed of the model init, the data order and dropout."""
+    max_skipped_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradients (0: never stop)."""
     compile: bool = False
     """torch.compile the model (fuses Pattention's elementwise passes; not with parallel.pipeline>1)."""
 

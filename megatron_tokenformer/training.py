@@ -22,6 +22,10 @@ from .pipeline import build_pipeline
 from .monitor import Monitor
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stays non-finite); the message says why and what to do."""
+
+
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -167,9 +171,11 @@ def pretrain(cfg: Config) -> dict:
     last: dict = {}
     # tokens/s counts training time only: eval and checkpoint time is subtracted as `paused`.
     window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
+    in_trouble = 0  # consecutive steps with a non-finite loss or gradients (DeepSpeed skips their update)
     while step < cfg.train.steps:
         engine.train()
         lr = engine.get_lr()[0]
+        skipped_before = engine.skipped_steps
         micros = [m.to(dev) for m in batches.next_step()]
         if pipelined:  # 1F1B over the micro-batches; the loss comes back averaged on every stage
             loss = engine.train_batch(iter([(m[:, :-1], m[:, 1:]) for m in micros])).item()
@@ -185,6 +191,11 @@ def pretrain(cfg: Config) -> dict:
         (mean_loss,) = D.all_reduce_mean([loss], dev, ps.dp_group)
         window_loss, window_steps = window_loss + mean_loss, window_steps + 1
         monitor.advance()
+        if engine.skipped_steps > skipped_before or not math.isfinite(mean_loss):
+            in_trouble += 1
+            monitor.message(f"step {step}: non-finite loss or gradients, update skipped ({in_trouble} in a row)")
+        else:
+            in_trouble = 0
         metrics = {}
         if step % cfg.log.interval == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - window_start - paused
@@ -201,7 +212,17 @@ def pretrain(cfg: Config) -> dict:
         if metrics:
             monitor.log(step, metrics)
             last = {"step": step, **metrics}
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
+        if cfg.train.max_skipped_steps and in_trouble >= cfg.train.max_skipped_steps:
+            monitor.close()
+            latest = cfg.checkpoint_dir / "latest"
+            good = latest.read_text().strip() if latest.is_file() else None
+            raise TrainingError(
+                f"{in_trouble} consecutive steps (up to step {step}) had a non-finite loss or gradients; "
+                f"stopped. The newest checkpoint, {good or 'none'}, was saved before the trouble: resume "
+                "from it with a lower train.lr, a tighter train.grad_clip or train.precision=fp32, or "
+                "raise train.max_skipped_steps")
+        due = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps
+        if due and not in_trouble:  # never save a state from inside a run of non-finite steps
             path = C.save(engine, cfg, grid, step, batches.consumed_samples, run_info, vocab, meta.tokenizer_sha256)
             monitor.message(f"step {step}: saved {path}")
         paused += time.perf_counter() - t0

@@ -66,3 +66,23 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
     got = losses(run)
     assert sorted(got) == list(range(1, 41))
     assert got == want  # bit-exact: weights, optimizer, data position and dropout RNG all restored
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
+    """An absurd learning rate blows the weights up after step 1: steps 2.. have non-finite gradients,
+    DeepSpeed skips their updates, the loop counts them and stops after train.max_skipped_steps with
+    the checkpoint from before the trouble."""
+    from helpers import metrics
+    from megatron_tokenformer.checkpoint import newest_good
+
+    run = tmp_path / "run"
+    proc = launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.lr=1e30", "train.min_lr=0",
+                         "train.warmup_steps=0", "train.max_skipped_steps=3", "model.dropout=0"],
+                  launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "3 consecutive steps (up to step 4) had a non-finite loss" in proc.stderr
+    assert "step_00000001" in proc.stderr and "Traceback" not in proc.stderr
+    assert "update skipped (1 in a row)" in proc.stdout + proc.stderr
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped_steps"] == 3
+    assert newest_good(run / "checkpoints") == "step_00000001"  # nothing saved from inside the trouble
