@@ -21,9 +21,6 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the key and what would be valid."""
 
 
-NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
-
-
 @dataclass
 class ModelConfig:
     num_layers: int = 2

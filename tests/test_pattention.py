@@ -92,6 +92,17 @@ def test_zero_keys_appended_preserve_output():
     torch.testing.assert_close(big(x), small(x), rtol=1e-12, atol=1e-12)
 
 
+def _outputs_and_grads(layers, x, loss):
+    """Each layer's output and the gradients of `loss(output)` w.r.t. input, keys and values."""
+    out = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        loss(y).backward()
+        out.append((y, xi.grad, layer.key_tokens.grad, layer.value_tokens.grad))
+    return out
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
 def test_fused_equals_reference(norm, groups):
@@ -101,12 +112,8 @@ def test_fused_equals_reference(norm, groups):
     fused = Pattention(10, 6, 8, norm=norm, groups=groups).double()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 5, 10, dtype=torch.float64)
-    outs = []
-    for layer in (ref, fused):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
-        outs.append((y, xi.grad, layer.key_tokens.grad, layer.value_tokens.grad))
+    outs = _outputs_and_grads((ref, fused), x,
+                              lambda y: (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum())
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -129,13 +136,7 @@ def test_compiled_kernels_equal_fused(norm):
     eager = Pattention(16, 8, 32, norm=norm, groups=3)
     comp = Pattention(16, 8, 32, norm=norm, groups=3, impl="compiled")
     comp.load_state_dict(eager.state_dict())
-    x = torch.randn(4, 16)
-    res = []
-    for layer in (eager, comp):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.square().sum().backward()
-        res.append((y, xi.grad, layer.key_tokens.grad, layer.value_tokens.grad))
+    res = _outputs_and_grads((eager, comp), torch.randn(4, 16), lambda y: y.square().sum())
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -1,7 +1,6 @@
 """End-to-end pretraining on real text with real DeepSpeed engines and gloo process groups."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 

@@ -91,9 +91,6 @@ def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, step
            "mfu": flops_per_token * tokens / step_s / peak, "activation_bytes_per_token": act_bytes / tokens,
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "warmup_s": warm_s, "final_loss": loss.item()}
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -189,6 +186,8 @@ def main() -> None:
         plan.append(("gpt-compiled", lambda: GPTModel(cfg.model, vocab), gpt_flops, scope))
     for name, build, flops, comp in plan:
         row = run_variant(name, build, flops, ids, device, dtype, args.steps, args.warmup, comp, peak)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the variant's model and optimizer are gone: free their cache
         rows.append(row)
         print(json.dumps(row), flush=True)
     by = {r["variant"]: r for r in rows}
