@@ -67,7 +67,7 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline-parallel size: stages the blocks are cut into."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage (0-3) for the optimizer state over data-parallel ranks."""
+    """DeepSpeed ZeRO stage (0-2) for the optimizer state (1) and gradients (2) over data-parallel ranks."""
 
 
 @dataclass
@@ -353,7 +353,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
     for key in ("tensor", "pipeline"):
         need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
-    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    need(p.zero_stage in (0, 1, 2),
+         f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2 (ZeRO-3 is not supported: tensor parallelism "
+         "already shards the parameter tokens, and checkpoints are written per parameter from stages 0-2)")
     for key in ("qkv_tokens", "proj_tokens", "ffn_tokens"):
         need(getattr(m, key) % p.tensor == 0,
              f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")

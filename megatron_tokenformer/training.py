@@ -103,27 +103,13 @@ def _run_info(cfg: Config, resume_meta: dict | None) -> dict:
             "resumed_from_step": resume_meta["step"] if resume_meta else None}
 
 
-def pretrain(cfg: Config) -> dict:
-    """Train as the config says; returns the last logged metrics (on every rank)."""
+def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, world: int):
+    """The model (pipelined or not), AdamW and its LR schedule in a DeepSpeed engine; returns
+    (engine, text describing the pipeline partition or None)."""
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed's pipeline engine backpropagates through a broadcast of the tied embedding; harmless.
-    warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
-    rank, world = D.init_distributed()
-    validate(cfg, world)
-    _check_precision(cfg)
-    grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
-    ps = D.ParallelState.build(grid)
-    dev = D.device()
-
-    meta = load_meta(cfg.data.path, verify=cfg.data.verify_checksums)
-    vocab = padded_vocab_size(cfg, meta.vocab_size)
-    train_set = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
-    valid_set = SampleSet(meta, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
-
-    pipelined = cfg.parallel.pipeline > 1
-    if pipelined:
+    partition_text = None
+    if cfg.parallel.pipeline > 1:
         model, partition_text = build_pipeline(cfg, vocab, ps)
     else:
         model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
@@ -135,13 +121,40 @@ def pretrain(cfg: Config) -> dict:
     # A pipeline module brings its own grid (the same rank order) as DeepSpeed's mpu.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world),
-                                           mpu=None if pipelined else ps.mpu())
+                                           mpu=None if cfg.parallel.pipeline > 1 else ps.mpu())
+    return engine, partition_text
+
+
+def pretrain(cfg: Config) -> dict:
+    """Train as the config says; returns the last logged metrics (on every rank)."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's pipeline engine backpropagates through a broadcast of the tied embedding; harmless.
+    warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
+    rank, world = D.init_distributed()
+    validate(cfg, world)
+    _check_precision(cfg)
+    grid = D.Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline)
+    ps = D.ParallelState.build(grid)
+    dev = D.device()
+
+    meta = load_meta(cfg.data.path, verify=cfg.data.verify_checksums)
+    train_set = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
+    valid_set = SampleSet(meta, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
+    # The checkpoint to resume (rank 0 verifies the manifests), checked before anything is built.
+    resume = D.broadcast_object(C.find_resume(cfg) if rank == 0 else None)
+    resume_meta = D.broadcast_object(C.read_meta(*resume) if rank == 0 and resume else None)
+    if resume:
+        C.check_loadable(resume_meta, cfg, cfg.model, resume[0] / resume[1], meta.tokenizer_sha256)
+    # A resumed run keeps the checkpoint's vocab rows (the padding may differ at another tensor size).
+    vocab = resume_meta["vocab_size"] if resume else padded_vocab_size(cfg, meta.vocab_size)
+
+    pipelined = cfg.parallel.pipeline > 1
+    engine, partition_text = build_engine(cfg, vocab, ps, world)
     # Dropout acts on activations replicated over the tensor group: same stream on its ranks,
     # a different one per data-parallel rank.
     torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
-
-    resume = D.broadcast_object(C.find_resume(cfg) if rank == 0 else None)  # rank 0 verifies the manifests
-    resume_meta = C.load(engine, cfg, grid, *resume, meta.tokenizer_sha256) if resume else None
+    if resume:
+        C.load(engine, cfg, grid, *resume, resume_meta)
     step = resume_meta["step"] if resume_meta else 0
     consumed = resume_meta["consumed_samples"] if resume_meta else 0
 
@@ -159,7 +172,7 @@ def pretrain(cfg: Config) -> dict:
         f"x pipeline {grid.pipeline} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, "
         f"{len(train_set)} train samples; "
         + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
-    if pipelined:
+    if partition_text:
         monitor.message(partition_text)
     if step >= cfg.train.steps:
         monitor.message(f"the checkpoint is at step {step} and train.steps={cfg.train.steps}: nothing to train; "

@@ -20,7 +20,8 @@ def env() -> dict:
     return e
 
 
-def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = True, timeout: int = 600):
+def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = True, timeout: int = 600,
+           extra_env: dict | None = None):
     script = str(ROOT / "launch" / "pretrain.py")
     args = ["--config", str(ROOT / "configs" / "tiny.yml"), *overrides]
     if nproc == 1 and launcher == "python":
@@ -30,7 +31,7 @@ def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

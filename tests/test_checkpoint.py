@@ -23,12 +23,27 @@ DEEP = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "mode
 def runs(corpus, tmp_path_factory):
     """The same training at three layouts: one process, PP=2, and TP=2 x PP=2."""
     out = {}
-    for name, over, nproc in (("single", [], 1), ("pp2", ["parallel.pipeline=2"], 2),
+    for name, over, nproc in (("single", ["log.wandb_mode=offline"], 1), ("pp2", ["parallel.pipeline=2"], 2),
                               ("tp2pp2", ["parallel.tensor=2", "parallel.pipeline=2"], 4)):
         run = tmp_path_factory.mktemp(name)
-        launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", *over], nproc=nproc)
+        launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", *over], nproc=nproc, extra_env={"WANDB_API_KEY": SECRET})
         out[name] = run / "checkpoints"
     return out
+
+
+SECRET = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key
+
+
+def test_checkpoints_hold_no_pickles_and_no_secrets(runs):
+    """Tensors are safetensors, the rest JSON: loading unpickles nothing. The W&B key in the
+    environment appears in no file of the run (checkpoints, config dump, W&B's offline run)."""
+    for name, ckpt in runs.items():
+        for f in (ckpt / "step_00000003").iterdir():
+            assert f.suffix in (".safetensors", ".json"), f
+        for f in ckpt.parent.rglob("*"):
+            if f.is_file():
+                assert SECRET.encode() not in f.read_bytes(), f
+    assert list(runs["single"].parent.rglob("*.wandb"))  # the W&B run was written, and checked above
 
 
 def test_load_model_from_any_layout_and_export(runs, tmp_path):
@@ -73,7 +88,7 @@ def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
     ckpt = _copy(runs["single"], tmp_path / "ckpt")
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert verify(ckpt / "step_00000003") is None and newest_good(ckpt) == "step_00000003"
-    model_file = ckpt / "step_00000003" / "mp_rank_00_model_states.pt"
+    model_file = ckpt / "step_00000003" / "layer_002-tp00.safetensors"
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     model_file.write_bytes(bytes(data))
@@ -97,7 +112,7 @@ def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
 def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
     run = tmp_path / "run"
     _copy(runs["single"], run / "checkpoints")
-    victim = run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt"
+    victim = run / "checkpoints" / "step_00000003" / "layer_002-tp00.safetensors"
     victim.write_bytes(victim.read_bytes()[:-10])
     out = launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", "train.steps=4"], launcher="python")
     text = out.stdout + out.stderr

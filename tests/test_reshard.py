@@ -1,0 +1,71 @@
+"""Layout-independent resume: a checkpoint saved at one (tensor, pipeline, data, ZeRO) layout resumes
+at every other one with the weights, Adam moments, step, LR schedule and data position of the run
+that wrote it (DESIGN.md section 6)."""
+import shutil
+
+import pytest
+import torch
+
+from helpers import launch, losses
+from megatron_tokenformer.checkpoint import global_state
+
+MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
+         "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
+         "train.global_batch_size=8", "train.warmup_steps=1", "log.interval=1", "log.progress=false",
+         "eval.interval=0", "log.wandb_mode=disabled", "train.steps=3", "checkpoint.interval=1",
+         "checkpoint.keep_last=0", "model.dropout=0"]
+# name: (overrides, processes); the three the issue names, each with another ZeRO stage, and one process
+LAYOUTS = {
+    "tp2": (["parallel.tensor=2", "parallel.zero_stage=0"], 2),
+    "pp2dp2": (["parallel.pipeline=2", "parallel.zero_stage=1"], 4),
+    "tp2pp2": (["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"], 4),
+    "single": (["parallel.zero_stage=2"], 1),
+}
+SOURCES = ["tp2", "pp2dp2", "tp2pp2"]
+
+
+@pytest.fixture(scope="module")
+def sources(corpus, tmp_path_factory):
+    """Each source layout trains 3 steps, saving after every step."""
+    out = {}
+    for name in SOURCES:
+        over, nproc = LAYOUTS[name]
+        run = tmp_path_factory.mktemp(f"src_{name}")
+        launch(MODEL + [f"data.path={corpus}", f"log.dir={run}", *over], nproc=nproc)
+        out[name] = run
+    return out
+
+
+def _assert_states_close(got_path, want_path):
+    got, got_moments, got_meta = global_state(got_path, moments=True)
+    want, want_moments, want_meta = global_state(want_path, moments=True)
+    assert got_meta["optimizer_step"] == want_meta["optimizer_step"] == 3
+    assert got_meta["scheduler"]["last_epoch"] == want_meta["scheduler"]["last_epoch"]
+    assert got_meta["consumed_samples"] == want_meta["consumed_samples"] == 24
+    for name, w in want.items():
+        if isinstance(w, torch.Tensor):
+            torch.testing.assert_close(got[name], w, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        else:
+            assert got[name] == w, name  # tau
+    for k in want_moments:  # one more Adam step on carried moments: still equal to the source's
+        for name, m in want_moments[k].items():
+            scale = m.abs().max().item()
+            torch.testing.assert_close(got_moments[k][name], m, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda msg: f"{k} of {name}: {msg}")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_resume_at_every_other_layout(corpus, sources, source, tmp_path):
+    src = sources[source]
+    want = losses(src)
+    for target in [t for t in LAYOUTS if t != source]:
+        over, nproc = LAYOUTS[target]
+        run = tmp_path / target
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000002")
+        out = launch(MODEL + [f"data.path={corpus}", f"log.dir={run}", *over], nproc=nproc)
+        assert "resumed from" in out.stdout + out.stderr
+        got = losses(run)
+        assert list(got) == [3], (target, got)
+        assert abs(got[3] - want[3]) < 1e-5, (source, target, got[3], want[3])
+        _assert_states_close(run / "checkpoints" / "step_00000003", src / "checkpoints" / "step_00000003")
