@@ -395,13 +395,12 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, meta: dict
     shards = _Shards(where, meta)
     opt = OptimizerState(engine)
     opt.prepare(meta["optimizer_step"])
-    reset = meta.get("reset_optimizer", False)
     for name, p in _local_params(engine.module, L, pipelined):
         dim = getattr(p, "partition_dim", None)
         rank, size = (grid.tp_rank, grid.tensor) if dim is not None else (0, 1)
         values = {"": shards.read(name, name, rank, size)}
         for k in MOMENTS:
-            values[k] = torch.zeros_like(values[""]) if reset else shards.read(name, f"{k}/{name}", rank, size)
+            values[k] = shards.read(name, f"{k}/{name}", rank, size)
         if values[""].shape != p.shape:
             raise CheckpointError(f"{name} in {where} gives a shard of {tuple(values[''].shape)}, this rank "
                                   f"holds {tuple(p.shape)}")
@@ -479,7 +478,7 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, dict]:
     """A checkpoint of any layout as global tensors: (weights by TokenFormerModel name, incl. each
     Pattention's `._extra_state`; Adam moments {"exp_avg": {...}, "exp_avg_sq": {...}} if asked;
-    meta.json). Reads safetensors only: nothing is unpickled."""
+    meta.json plus `partition_dims`). Reads safetensors only: nothing is unpickled."""
     ckpt_dir, tag = resolve(path)
     where = ckpt_dir / tag
     problem = verify(where)
@@ -491,9 +490,10 @@ def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, d
                               f"reads {FORMAT_VERSION}")
     shards = _Shards(where, meta)
     L = shards.L
-    state, moms = {}, {k: {} for k in MOMENTS}
+    state, moms, dims = {}, {k: {} for k in MOMENTS}, {}
     for layer in range(L + 2):
         f = shards.file(layer, 0)
+        dims.update(shards.metadata(layer, "partition_dim"))
         for key in f.keys():
             if "/" in key:
                 continue
@@ -503,6 +503,7 @@ def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, d
                     moms[k][key] = shards.read(key, f"{k}/{key}")
         for m, extra in shards.metadata(layer, "extra_state").items():
             state[m + "._extra_state"] = extra
+    meta["partition_dims"] = dims  # which dim tensor parallelism splits, per parameter (None: replicated)
     return state, (moms if moments else {}), meta
 
 

@@ -79,7 +79,9 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps to train for (a resumed run continues up to this step)."""
     decay_steps: Optional[int] = None
-    """Length of the LR schedule in steps (warmup + cosine). None: train.steps."""
+    """Length of the LR schedule in steps (warmup + cosine). None: up to train.steps, or in a
+    growing run up to the next growth stage (each stage, and each run resumed from a grown
+    checkpoint, starts its own schedule)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -153,6 +155,23 @@ class EvalConfig:
 
 
 @dataclass
+class GrowthStage:
+    at_step: int = 0
+    """After this many optimizer steps the model grows in place: checkpoint, append key-value tokens
+    (new keys zero, new values from the init, tau kept: the function is unchanged), rebuild the
+    engine, continue with a fresh LR schedule (warmup + decay up to the next growth or train.steps)."""
+    qkv_tokens: Optional[int] = None
+    """model.qkv_tokens from this step on (None: unchanged)."""
+    proj_tokens: Optional[int] = None
+    """model.proj_tokens from this step on (None: unchanged)."""
+    ffn_tokens: Optional[int] = None
+    """model.ffn_tokens from this step on (None: unchanged)."""
+
+
+TOKEN_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape."""
@@ -168,6 +187,9 @@ class Config:
     """Logging and monitoring."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation."""
+    growth: list[GrowthStage] = field(default_factory=list)
+    """Incremental scaling in one launch: a list of stages `{at_step, qkv_tokens, proj_tokens,
+    ffn_tokens}`; `model` holds the starting size."""
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -178,9 +200,17 @@ class Config:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
-    @property
-    def decay_steps(self) -> int:
-        return self.train.decay_steps or self.train.steps
+    def model_stages(self) -> list[ModelConfig]:
+        """The model at the start and after each growth stage."""
+        out = [self.model]
+        for g in self.growth:
+            out.append(dataclasses.replace(out[-1], **{k: getattr(g, k) for k in TOKEN_KEYS
+                                                      if getattr(g, k) is not None}))
+        return out
+
+    def segment_end(self, stage: int) -> int:
+        """The step where model stage `stage` ends: the next growth, or train.steps."""
+        return self.growth[stage].at_step if stage < len(self.growth) else self.train.steps
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)
@@ -213,12 +243,13 @@ def describe() -> str:
     """Every config key with its type, default and docstring (for --help)."""
     lines = []
     for sec in fields(Config):
-        cls = sec.default_factory
+        cls = GrowthStage if sec.name == "growth" else sec.default_factory
         docs = _field_docs(cls)
-        lines.append(f"{sec.name}:")
+        lines.append(f"{sec.name}:" + ("  # a list of stages, each with:" if sec.name == "growth" else ""))
         for f in fields(cls):
             doc = " ".join(docs.get(f.name, "").split())
-            lines.append(f"  {sec.name}.{f.name} = {f.default!r}  # {doc}")
+            name = f"growth[].{f.name}" if sec.name == "growth" else f"{sec.name}.{f.name}"
+            lines.append(f"  {name} = {f.default!r}  # {doc}")
     return "\n".join(lines)
 
 
@@ -270,6 +301,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def _growth(value: Any, origin: str) -> list[GrowthStage]:
+    """The `growth` list: each item a mapping of GrowthStage keys."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"growth ({origin}) must be a list of stages like "
+                          "[{at_step: 100, qkv_tokens: 256, proj_tokens: 256, ffn_tokens: 1024}]")
+    hints, stages = get_type_hints(GrowthStage), []
+    for i, item in enumerate(value):
+        stage = GrowthStage()
+        for key, v in item.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key '{key}' in growth[{i}] ({origin}); keys are: {', '.join(hints)}")
+            setattr(stage, key, _coerce(v, hints[key], f"growth[{i}].{key}"))
+        stages.append(stage)
+    return stages
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
@@ -309,11 +358,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
         for section, values in data.items():
+            if section == "growth":
+                cfg.growth = _growth(values, str(path))
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' in {path} must be a mapping of key: value")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
     for text in overrides:
+        if text.startswith("growth="):  # the whole list, in YAML flow style
+            cfg.growth = _growth(yaml.safe_load(text.split("=", 1)[1]), "command line")
+            continue
         section, key, value = parse_override(text)
         _apply(cfg, section, key, value, "command line")
     validate(cfg)
@@ -324,6 +379,9 @@ def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint)."""
     cfg = Config()
     for section, values in data.items():
+        if section == "growth":
+            cfg.growth = _growth(values, "stored config")
+            continue
         for key, value in values.items():
             _apply(cfg, section, key, value, "stored config")
     return cfg
@@ -368,7 +426,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          f"train.global_batch_size={t.global_batch_size} is not divisible by "
          f"train.micro_batch_size={t.micro_batch_size}")
     need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-    need(cfg.decay_steps >= 1, "train.decay_steps must be >= 1")
+    need(t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps={t.decay_steps} must be >= 1 or null")
     need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
          f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
@@ -379,6 +437,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
     need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
          "checkpoint.interval and checkpoint.keep_last must be >= 0")
+    prev_step, stages = 0, cfg.model_stages()
+    for i, g in enumerate(cfg.growth):
+        need(prev_step < g.at_step < t.steps,
+             f"growth[{i}].at_step={g.at_step} must lie after the previous stage ({prev_step}) and before "
+             f"train.steps={t.steps}")
+        prev_step = g.at_step
+        for key in TOKEN_KEYS:
+            old, new = getattr(stages[i], key), getattr(stages[i + 1], key)
+            need(new >= old, f"growth[{i}].{key}={new} would shrink the model ({old} before); growth only "
+                             "appends tokens")
+            need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
+        need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
+                                         "or ffn_tokens")
     if world_size is not None:
         mp = p.tensor * p.pipeline
         need(world_size % mp == 0,

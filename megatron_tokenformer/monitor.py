@@ -53,6 +53,18 @@ class Monitor:
         if self.bar is not None and "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
+    def event(self, step: int, name: str, data: dict, lineage: list | None = None) -> None:
+        """A one-off event (e.g. a growth) as a metrics.jsonl row {"step", "event", ...} and W&B values
+        `<name>/<key>`; `lineage` replaces the W&B run's config entry of that name."""
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "event": name, **data}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{name}/{k}": v for k, v in data.items()}, step=step)
+            if lineage is not None:
+                self.wandb_run.config.update({"lineage": lineage}, allow_val_change=True)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -1,11 +1,14 @@
 """The pretraining loop: build model, data and DeepSpeed engine, then train, evaluate, log, save."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
 import subprocess
 import time
+import shutil
 import uuid
 import warnings
 from pathlib import Path
@@ -15,7 +18,7 @@ import yaml
 
 from . import checkpoint as C
 from . import distributed as D
-from .config import Config, ConfigError, padded_vocab_size, validate
+from .config import TOKEN_KEYS, Config, ConfigError, ModelConfig, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
 from .pipeline import build_pipeline
@@ -39,10 +42,13 @@ def git_revision() -> str | None:
         return None
 
 
-def lr_lambda(cfg: Config):
-    """Multiplier of train.lr after `step` optimizer steps: linear warmup, cosine to min_lr, then flat."""
+def lr_lambda(cfg: Config, start: int = 0, end: int | None = None):
+    """Multiplier of train.lr after `k` optimizer steps of a schedule running from step `start` to
+    `end` (train.steps; a growth stage ends at the next growth): linear warmup, cosine to min_lr
+    over train.decay_steps (None: the whole segment), then flat."""
     t = cfg.train
-    warmup, decay, floor = t.warmup_steps, cfg.decay_steps, t.min_lr / t.lr
+    end = t.steps if end is None else end
+    warmup, decay, floor = t.warmup_steps, t.decay_steps or max(1, end - start), t.min_lr / t.lr
 
     def f(step: int) -> float:
         if step < warmup:
@@ -103,9 +109,10 @@ def _run_info(cfg: Config, resume_meta: dict | None) -> dict:
             "resumed_from_step": resume_meta["step"] if resume_meta else None}
 
 
-def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, world: int):
-    """The model (pipelined or not), AdamW and its LR schedule in a DeepSpeed engine; returns
-    (engine, text describing the pipeline partition or None)."""
+def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, world: int, schedule: tuple[int, int]):
+    """The model (pipelined or not), AdamW and its LR schedule (running over the steps
+    `schedule` = (start, end)) in a DeepSpeed engine; returns (engine, the pipeline partition
+    as text, or None)."""
     import deepspeed
 
     partition_text = None
@@ -117,12 +124,21 @@ def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, world: int):
             for block in model.blocks:
                 block.compile()
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, *schedule))
     # A pipeline module brings its own grid (the same rank order) as DeepSpeed's mpu.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world),
                                            mpu=None if cfg.parallel.pipeline > 1 else ps.mpu())
     return engine, partition_text
+
+
+def _stage_of(cfg: Config, ckpt_model: dict) -> int:
+    """Which model stage (start, or after growth i) a checkpoint's model is; 0 if none matches
+    (check_loadable then says which fields differ)."""
+    for i, m in enumerate(cfg.model_stages()):
+        if all(getattr(m, k) == ckpt_model[k] for k in TOKEN_KEYS):
+            return i
+    return 0
 
 
 def pretrain(cfg: Config) -> dict:
@@ -143,35 +159,42 @@ def pretrain(cfg: Config) -> dict:
     # The checkpoint to resume (rank 0 verifies the manifests), checked before anything is built.
     resume = D.broadcast_object(C.find_resume(cfg) if rank == 0 else None)
     resume_meta = D.broadcast_object(C.read_meta(*resume) if rank == 0 and resume else None)
+    stage = _stage_of(cfg, resume_meta["config"]["model"]) if resume else 0  # model size (growth stage)
+    run = dataclasses.replace(cfg, model=cfg.model_stages()[stage])           # the config at that size
     if resume:
-        C.check_loadable(resume_meta, cfg, cfg.model, resume[0] / resume[1], meta.tokenizer_sha256)
+        C.check_loadable(resume_meta, cfg, run.model, resume[0] / resume[1], meta.tokenizer_sha256)
     # A resumed run keeps the checkpoint's vocab rows (the padding may differ at another tensor size).
     vocab = resume_meta["vocab_size"] if resume else padded_vocab_size(cfg, meta.vocab_size)
+    # The LR schedule starts at 0, or where the model last grew; lineage lists the growths so far.
+    schedule_start = resume_meta.get("schedule_start", 0) if resume else 0
+    lineage = resume_meta.get("lineage", []) if resume else []
 
     pipelined = cfg.parallel.pipeline > 1
-    engine, partition_text = build_engine(cfg, vocab, ps, world)
+    engine, partition_text = build_engine(run, vocab, ps, world, (schedule_start, cfg.segment_end(stage)))
     # Dropout acts on activations replicated over the tensor group: same stream on its ranks,
     # a different one per data-parallel rank.
     torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank)
     if resume:
-        C.load(engine, cfg, grid, *resume, resume_meta)
+        C.load(engine, run, grid, *resume, resume_meta)
     step = resume_meta["step"] if resume_meta else 0
     consumed = resume_meta["consumed_samples"] if resume_meta else 0
 
-    run_info = _run_info(cfg, resume_meta)
+    run_info = _run_info(cfg, resume_meta) | {"lineage": lineage}
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (cfg.run_dir / "run_info.json").write_text(json.dumps(run_info, indent=1))
     monitor = Monitor(cfg, grid.is_logger, run_info, step)
-    with torch.device("meta"):  # the whole model's count, whatever this rank holds
-        n_params = count_parameters(TokenFormerModel(cfg.model, vocab))
-    flops_per_token = model_flops_per_token(cfg.model, vocab)
+    n_params, flops_per_token = _size(run, vocab)
     monitor.message(
         f"TokenFormer: {n_params / 1e6:.2f}M parameters, vocab {vocab}, {world} rank(s) (tensor {grid.tensor} "
         f"x pipeline {grid.pipeline} x data {grid.data}), {cfg.grad_accum_steps(world)} micro-batches/step, "
         f"{len(train_set)} train samples; "
         + (f"resumed from {resume[0] / resume[1]} at step {step}" if resume else "fresh start"))
+    if lineage:
+        monitor.message("grown from: " + "; ".join(f"{g['parent_name']} ({g['parent_run']}) at step {g['step']}, "
+                                                   f"{g['params_before']} -> {g['params_after']} parameters"
+                                                   for g in lineage))
     if partition_text:
         monitor.message(partition_text)
     if step >= cfg.train.steps:
@@ -180,12 +203,44 @@ def pretrain(cfg: Config) -> dict:
 
     batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            grid.dp_rank, grid.data, consumed_samples=consumed)
+
+    def save() -> Path:
+        return C.save(engine, run, grid, step, batches.consumed_samples, run_info, vocab, meta.tokenizer_sha256,
+                      extra_meta={"schedule_start": schedule_start, "lineage": lineage})
+
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     last: dict = {}
-    # tokens/s counts training time only: eval and checkpoint time is subtracted as `paused`.
+    # tokens/s counts training time only: eval, checkpoint and growth time is subtracted as `paused`.
     window_loss, window_steps, window_start, paused = 0.0, 0, time.perf_counter(), 0.0
     in_trouble = 0  # consecutive steps with a non-finite loss or gradients (DeepSpeed skips their update)
+    saved_at = step if resume else None
     while step < cfg.train.steps:
+        if stage < len(cfg.growth) and step >= cfg.growth[stage].at_step:
+            t0 = time.perf_counter()
+            if saved_at != step:
+                save()
+            # Grow in the global view (rank 0 writes the grown checkpoint), then every rank rebuilds
+            # its engine at the new size and loads it like any checkpoint: the same route as
+            # tools/expand_params.py followed by a resume.
+            grown_tag = C.tag_for(step) + "_grown"
+            entry = D.broadcast_object(
+                _expand(cfg.checkpoint_dir, C.tag_for(step), grown_tag, cfg.model_stages()[stage + 1])
+                if rank == 0 else None)
+            if isinstance(entry, str):
+                raise TrainingError(entry)
+            del engine
+            gc.collect()
+            stage, schedule_start, lineage = stage + 1, step, [*lineage, entry]
+            run = dataclasses.replace(cfg, model=cfg.model_stages()[stage])
+            engine, _ = build_engine(run, vocab, ps, world, (schedule_start, cfg.segment_end(stage)))
+            C.load(engine, run, grid, cfg.checkpoint_dir, grown_tag,
+                   D.broadcast_object(C.read_meta(cfg.checkpoint_dir, grown_tag) if rank == 0 else None))
+            n_params, flops_per_token = _size(run, vocab)
+            monitor.event(step, "growth", {**entry["tokens_after"], "params": n_params,
+                                           "params_before": entry["params_before"]}, lineage)
+            monitor.message(f"step {step}: grew to {n_params / 1e6:.2f}M parameters "
+                            f"({', '.join(f'{k}={v}' for k, v in entry['tokens_after'].items())})")
+            paused += time.perf_counter() - t0
         engine.train()
         lr = engine.get_lr()[0]
         skipped_before = engine.skipped_steps
@@ -236,11 +291,34 @@ def pretrain(cfg: Config) -> dict:
                 "raise train.max_skipped_steps")
         due = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps
         if due and not in_trouble:  # never save a state from inside a run of non-finite steps
-            path = C.save(engine, cfg, grid, step, batches.consumed_samples, run_info, vocab, meta.tokenizer_sha256)
-            monitor.message(f"step {step}: saved {path}")
+            monitor.message(f"step {step}: saved {save()}")
+            saved_at = step
         paused += time.perf_counter() - t0
     monitor.close()
     return last
+
+
+def _size(run: Config, vocab: int) -> tuple[int, int]:
+    """(parameters of the whole model, whatever this rank holds; training FLOPs per token)."""
+    with torch.device("meta"):
+        n_params = count_parameters(TokenFormerModel(run.model, vocab))
+    return n_params, model_flops_per_token(run.model, vocab)
+
+
+def _expand(ckpt_dir: Path, tag: str, grown_tag: str, model: ModelConfig) -> dict | str:
+    """Rank 0: grow checkpoint `tag` into `grown_tag` (exactly: zero keys, value init, tau kept).
+    Returns the lineage entry, or the error text (broadcast, so every rank stops alike)."""
+    from .growth import GrowthError, GrowthOptions, expand_checkpoint
+
+    stale = ckpt_dir / grown_tag  # a damaged one from an earlier attempt (an intact one would have been resumed)
+    shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(stale.with_name(stale.name + C.PARTIAL), ignore_errors=True)
+    try:
+        _, entry = expand_checkpoint(ckpt_dir / tag, ckpt_dir, {k: getattr(model, k) for k in TOKEN_KEYS},
+                                     GrowthOptions(), tag=grown_tag)
+    except (GrowthError, C.CheckpointError, OSError) as e:
+        return f"growth at {ckpt_dir / tag} failed: {e}"
+    return entry
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ def test_yaml_and_overrides():
     cfg = load_config("configs/tiny.yml", ["train.steps=20", "train.lr=3e-4", "log.wandb_mode=disabled",
                                            "train.decay_steps=null", "model.activation_checkpointing=true"])
     assert cfg.train.steps == 20 and cfg.train.lr == 3e-4 and cfg.log.wandb_mode == "disabled"
-    assert cfg.decay_steps == 20 and cfg.model.activation_checkpointing is True
+    assert cfg.train.decay_steps is None and cfg.model.activation_checkpointing is True
     assert cfg.model.hidden_size == 128  # from the file
     assert str(cfg.run_dir) == "runs/tiny" and str(cfg.checkpoint_dir) == "runs/tiny/checkpoints"
     assert config_from_dict(cfg.to_dict()) == cfg
@@ -56,3 +56,24 @@ def test_every_field_is_documented():
     for line in text.splitlines():
         if line.startswith("  "):
             assert line.split("#", 1)[1].strip(), f"undocumented: {line}"
+
+
+def test_growth_stages(tmp_path):
+    f = tmp_path / "grow.yml"
+    f.write_text("model: {qkv_tokens: 64, proj_tokens: 64, ffn_tokens: 128}\ntrain: {steps: 30}\n"
+                 "growth:\n  - {at_step: 10, ffn_tokens: 256}\n  - {at_step: 20, qkv_tokens: 128, proj_tokens: 128}\n")
+    cfg = load_config(f)
+    stages = cfg.model_stages()
+    assert [(m.qkv_tokens, m.proj_tokens, m.ffn_tokens) for m in stages] == [(64, 64, 128), (64, 64, 256),
+                                                                            (128, 128, 256)]
+    assert [cfg.segment_end(i) for i in range(3)] == [10, 20, 30]
+    assert config_from_dict(cfg.to_dict()) == cfg  # stored in checkpoints and read back
+    assert "growth[].at_step" in describe()
+    for over, msg in ((["growth=[{at_step: 10, ffn_tokens: 64}]"], "growth\\[0\\].ffn_tokens=64 would shrink"),
+                      (["growth=[{at_step: 40, ffn_tokens: 256}]"], "before train.steps=30"),
+                      (["growth=[{at_step: 10, ffn_tokens: 257}]", "parallel.tensor=2"], "not divisible by parallel"),
+                      (["growth=[{at_step: 10, ffn_tokens: 128}]"], "changes no token count"),
+                      (["growth=[{at_step: 10, fnn_tokens: 256}]"], "unknown key 'fnn_tokens' in growth\\[0\\]"),
+                      (["growth={at_step: 10}"], "must be a list of stages")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(f, over)
