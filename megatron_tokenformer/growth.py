@@ -6,7 +6,9 @@ checkpoint format and resharded on load like any checkpoint:
     V' = [V_0; V_0new; V_1; V_1new; ...]   the source, so every shard grows by the same amount
 With new keys zero, a new token's score is 0, gelu(0) = 0 adds nothing to the row norm, and with
 tau (a stored per-layer constant) kept, the function is unchanged. New values from the value init
-give the new tokens gradients from the first step; zero values with zero keys would leave them dead.
+make them trainable: their keys get gradients at the first step (then their values, once the keys
+are non-zero); zero values with zero keys would leave them dead. For the softmax variant no finite
+key gives a token zero weight, so growth there is not exact (the tool says so).
 Adam moments of the old tokens are carried, zero for the new ones, and the step count kept.
 """
 from __future__ import annotations
@@ -45,8 +47,12 @@ class GrowthOptions:
     seed: int | None = None
     """Seed of the new tokens' init (None: train.seed + step of the source)."""
 
-    def warnings(self) -> list[str]:
+    def warnings(self, norm: str = "l2_norm_gelu") -> list[str]:
         out = []
+        if norm == "softmax":
+            out.append("model.norm=softmax: appended tokens (score 0, weight exp(0)) take a share of every "
+                       "row's softmax mass, so the grown model's output differs; growth is exact only for "
+                       "the l2_norm_gelu and gelu_l2_norm variants")
         if self.key_init != "zero":
             out.append("key_init=normal changes the model's function: the grown model's output differs")
         if self.tau != "keep":

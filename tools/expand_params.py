@@ -45,7 +45,7 @@ def main() -> int:
             counts = {k: round(model[k] * args.scale) for k in TOKEN_KEYS}
         elif all(v is None for v in counts.values()):
             raise GrowthError("give --qkv-tokens, --proj-tokens, --ffn-tokens or --scale")
-        for w in opts.warnings():
+        for w in opts.warnings(read_meta(*resolve(args.load))["config"]["model"]["norm"]):
             warnings.warn(w, stacklevel=1)
         dst, entry = expand_checkpoint(args.load, args.save, counts, opts)
     except (GrowthError, CheckpointError, OSError) as e:
