@@ -19,5 +19,5 @@ setup(
         "tqdm",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "experiments": ["matplotlib"]},
 )

@@ -141,6 +141,7 @@ class OptimizerState:
     def __init__(self, engine):
         self.opt = engine.optimizer
         self.base = getattr(self.opt, "optimizer", self.opt)  # the torch optimizer holding the state
+        self.have_state = any(self.base.state.values())  # torch creates it at the first step
 
     def step(self) -> int:
         for st in self.base.state.values():
@@ -151,11 +152,10 @@ class OptimizerState:
     def get(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        have_state = any(self.base.state.values())
         if hasattr(p, "_hp_mapping"):
             out = {"": safe_get_full_fp32_param(p)}
             for k in MOMENTS:
-                out[k] = safe_get_full_optimizer_state(p, k) if have_state else torch.zeros_like(out[""])
+                out[k] = safe_get_full_optimizer_state(p, k) if self.have_state else torch.zeros_like(out[""])
         else:
             st = self.base.state.get(p, {})
             out = {"": p.detach().float(), **{k: st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)

@@ -92,8 +92,8 @@ def _start_wandb(cfg: Config, run_info: dict):
                            "or set log.wandb_mode=offline (sync later with `wandb sync`) or disabled")
     try:
         return wandb.init(project=cfg.log.wandb_project, name=cfg.log.run_name, mode=cfg.log.wandb_mode,
-                          dir=str(cfg.run_dir), config={**cfg.to_dict(), "run_info": run_info},
-                          resume="allow", id=run_info.get("wandb_id"))
+                          dir=str(cfg.run_dir), resume="allow", id=run_info.get("wandb_id"),
+                          config={**cfg.to_dict(), "run_info": run_info, "lineage": run_info.get("lineage", [])})
     except Exception as e:  # wandb raises many types; the user needs the reason and the knob
         raise MonitorError(f"could not start W&B (log.wandb_mode={cfg.log.wandb_mode}): {e}. "
                            "Set log.wandb_mode=offline or disabled to train without it") from None

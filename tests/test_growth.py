@@ -218,8 +218,11 @@ def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, t
     assert _expand("--load", source, "--save", tmp_path / "grown", "--qkv-tokens", 64, "--proj-tokens", 48,
                    "--ffn-tokens", 128).returncode == 0
     launch(RUN + GROWN + [f"data.path={corpus}", f"log.dir={manual}", "train.steps=4", "parallel.tensor=2",
-                          f"checkpoint.load={tmp_path / 'grown'}"], nproc=2)
+                          f"checkpoint.load={tmp_path / 'grown'}", "log.wandb_mode=offline"], nproc=2)
     want = {**losses(source.parent), **losses(manual)}
+    parent = json.loads((source.parent / "run_info.json").read_text())["wandb_id"]
+    lineage = wandb_config(next(manual.rglob("*.wandb")))["lineage"]  # the grown run names its parent
+    assert [(g["parent_run"], g["step"]) for g in lineage] == [(parent, 2)]
 
     run = tmp_path / "inlaunch"
     launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=4", "parallel.tensor=2",
