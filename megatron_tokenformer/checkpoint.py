@@ -157,6 +157,9 @@ class OptimizerState:
             for k in MOMENTS:
                 out[k] = safe_get_full_optimizer_state(p, k) if self.have_state else torch.zeros_like(out[""])
         else:
+            if p.dtype != torch.float32:  # never save a rounded copy as the master weights
+                raise CheckpointError(f"{type(self.opt).__name__} keeps the fp32 master weights where checkpoints "
+                                      "cannot read them per parameter; use parallel.zero_stage>=1")
             st = self.base.state.get(p, {})
             out = {"": p.detach().float(), **{k: st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)
                                                for k in MOMENTS}}
@@ -243,6 +246,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     "scheduler": {k: v for k, v in sched.items() if k != "lr_lambdas"},
                     "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                                "skipped_steps": engine.skipped_steps},
+                    "loss_scaler": _loss_scaler_state(engine),
                     "world_size": grid.world_size,
                     "layout": {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
                                "zero_stage": cfg.parallel.zero_stage},
@@ -418,6 +422,9 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, meta: dict
             group["lr"] = lr  # LambdaLR's load_state_dict leaves the optimizer's lr as it was
     for k, v in meta["engine"].items():
         setattr(engine, k, v)
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for k, v in (meta.get("loss_scaler") or {}).items():  # fp16's dynamic loss scale goes on where it was
+        setattr(scaler, k, v)
     same = meta["layout"] == {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
                               "zero_stage": cfg.parallel.zero_stage}
     rng = where / f"rng-{grid.rank:05d}.safetensors"
@@ -427,6 +434,21 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, meta: dict
         _set_rng_state(load_file(str(rng)))
     else:  # another layout: dropout streams cannot match anyway; a fresh, deterministic one per rank
         torch.manual_seed(cfg.train.seed + 1 + grid.dp_rank + 1000003 * meta["step"])
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler_state(engine) -> dict:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    out = {}
+    for k in _SCALER_FIELDS:
+        v = getattr(scaler, k, None)
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, (int, float)):
+            out[k] = v
+    return out
 
 
 def _rng_state() -> dict:

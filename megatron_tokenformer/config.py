@@ -67,7 +67,8 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline-parallel size: stages the blocks are cut into."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage (0-2) for the optimizer state (1) and gradients (2) over data-parallel ranks."""
+    """DeepSpeed ZeRO stage (0-2) for the optimizer state (1) and gradients (2) over data-parallel ranks.
+    bf16/fp16 need >= 1 (checkpoints read the fp32 master weights per parameter from it)."""
 
 
 @dataclass
@@ -460,15 +461,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
              f"{t.micro_batch_size * dp}")
+    need(t.precision == "fp32" or p.zero_stage >= 1,
+         f"train.precision={t.precision} needs parallel.zero_stage>=1: checkpoints read and reshard the fp32 master "
+         "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
+         "data-parallel rank costs nothing)")
     if p.pipeline > 1:
         need(not t.compile, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
              "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
-        need(not (t.precision == "bf16" and p.zero_stage == 0),
-             f"train.precision=bf16 with parallel.pipeline={p.pipeline} needs parallel.zero_stage=1 "
-             "(DeepSpeed's bf16 pipeline without ZeRO cannot resume from its checkpoints)")
 
 
 def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:

@@ -56,7 +56,7 @@ def test_head_is_weighed_not_counted():
 def test_zero2_with_pipeline_is_refused():
     with pytest.raises(ConfigError, match="parallel.zero_stage=2 with parallel.pipeline=2.*set parallel.zero_stage=1"):
         load_config("configs/tiny.yml", ["parallel.pipeline=2", "parallel.zero_stage=2"])
-    with pytest.raises(ConfigError, match="bf16 with parallel.pipeline=2 needs parallel.zero_stage=1"):
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs parallel.zero_stage>=1"):
         load_config("configs/tiny.yml", ["parallel.pipeline=2", "parallel.zero_stage=0", "train.precision=bf16"])
 
 

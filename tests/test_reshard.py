@@ -69,3 +69,21 @@ def test_resume_at_every_other_layout(corpus, sources, source, tmp_path):
         assert list(got) == [3], (target, got)
         assert abs(got[3] - want[3]) < 1e-5, (source, target, got[3], want[3])
         _assert_states_close(run / "checkpoints" / "step_00000003", src / "checkpoints" / "step_00000003")
+
+
+def test_bf16_resumes_bit_exact_at_its_layout_and_at_another(corpus, tmp_path):
+    """bf16 (DeepSpeed's fp32 master weights behind bf16 working copies): the checkpoint holds the
+    fp32 masters, so the same layout continues bit-exactly and another layout within bf16 rounding."""
+    bf16 = MODEL + [f"data.path={corpus}", "train.precision=bf16", "parallel.zero_stage=1"]
+    src = tmp_path / "src"
+    launch(bf16 + [f"log.dir={src}"], launcher="python")
+    want = losses(src)
+    for name, over, nproc in (("same", [], 1), ("tp2", ["parallel.tensor=2"], 2)):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000002")
+        launch(bf16 + [f"log.dir={run}", *over], nproc=nproc)
+        got = losses(run)[3]
+        assert got == want[3] if name == "same" else abs(got - want[3]) < 2e-2, (name, got, want[3])
+    _, moments, _ = global_state(src / "checkpoints" / "step_00000002", moments=True)
+    assert all(t.any() for t in moments["exp_avg_sq"].values())  # the fp32 moments were saved
