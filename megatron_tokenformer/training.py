@@ -6,9 +6,9 @@ import gc
 import json
 import logging
 import math
+import shutil
 import subprocess
 import time
-import shutil
 import uuid
 import warnings
 from pathlib import Path
