@@ -423,8 +423,9 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, meta: dict
     for k, v in meta["engine"].items():
         setattr(engine, k, v)
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    for k, v in (meta.get("loss_scaler") or {}).items():  # fp16's dynamic loss scale goes on where it was
-        setattr(scaler, k, v)
+    if getattr(scaler, "dynamic", False):  # fp16's dynamic loss scale goes on where it was
+        for k, v in (meta.get("loss_scaler") or {}).items():
+            setattr(scaler, k, v)
     same = meta["layout"] == {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
                               "zero_stage": cfg.parallel.zero_stage}
     rng = where / f"rng-{grid.rank:05d}.safetensors"
@@ -440,8 +441,11 @@ _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis
 
 
 def _loss_scaler_state(engine) -> dict:
+    """fp16's dynamic loss scale (empty for a static scaler or none: nothing to carry)."""
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     out = {}
+    if not getattr(scaler, "dynamic", False):
+        return out
     for k in _SCALER_FIELDS:
         v = getattr(scaler, k, None)
         if isinstance(v, torch.Tensor):
