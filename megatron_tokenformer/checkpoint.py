@@ -352,6 +352,7 @@ class _Shards:
     def __init__(self, where: Path, meta: dict):
         self.where, self.tensor, self.L = where, meta["layout"]["tensor"], meta["config"]["model"]["num_layers"]
         self._files: dict = {}
+        self._meta: dict = {}
 
     def file(self, layer: int, tp: int):
         from safetensors import safe_open
@@ -368,11 +369,15 @@ class _Shards:
         return self._files[key]
 
     def metadata(self, layer: int, what: str) -> dict:
-        return json.loads(self.file(layer, 0).metadata()[what])
+        if (layer, what) not in self._meta:
+            self._meta[layer, what] = json.loads(self.file(layer, 0).metadata()[what])
+        return self._meta[layer, what]
 
     def read(self, name: str, key: str, rank: int = 0, size: int = 1) -> torch.Tensor:
         """Slice `rank` of `size` of the global tensor `key` (the weight or a moment of `name`)."""
         layer = layer_of(name, self.L)
+        if key not in self.file(layer, 0).keys():
+            raise CheckpointError(f"checkpoint {self.where} has no tensor {key} in {layer_file(layer, 0)}")
         dim = self.metadata(layer, "partition_dim").get(name)
         if dim is None:
             return self.file(layer, 0).get_tensor(key)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,33 @@ def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, t
     assert any(row.get("growth/params") == event["params"] for row in wandb_history(wandb_file))
     lineage = wandb_config(wandb_file)["lineage"]
     assert lineage[-1]["step"] == 2 and lineage[-1]["parent_run"] == json.loads((run / "run_info.json").read_text())["wandb_id"]
+
+
+def test_a_run_killed_while_growing_resumes_to_the_same_losses(corpus, tmp_path):
+    """SIGKILL as soon as the grown checkpoint starts being written (step_2_grown.partial), then
+    relaunch: the run resumes from the pre-growth checkpoint, grows again and logs the losses of a
+    run never killed."""
+    import os
+    import signal
+    import time
+
+    args = RUN + [f"data.path={corpus}", "train.steps=4", "checkpoint.interval=1",
+                  "growth=[{at_step: 2, qkv_tokens: 64, proj_tokens: 48, ffn_tokens: 128}]"]
+    launch(args + [f"log.dir={tmp_path / 'straight'}"], launcher="python")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yml"),
+           *args, f"log.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    grown = run / "checkpoints" / "step_00000002_grown"
+    deadline = time.time() + 300
+    while not (grown.exists() or Path(f"{grown}.partial").exists()) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.001)
+    assert proc.poll() is None, "the run ended before growing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "step_00000003").exists()
+    finished = grown.exists()  # (the write may rarely finish between two polls: then it is resumed)
+    out = launch(args + [f"log.dir={run}"], launcher="python")
+    assert "at step 2" in out.stdout and ("grew to" in out.stdout) != finished
+    assert losses(run) == losses(tmp_path / "straight")

@@ -23,7 +23,7 @@ def _feasible(costs, stages, limit):
     return parts <= stages
 
 
-@pytest.mark.parametrize("name, stages", itertools.product(CONFIGS, [2, 4, 8]))
+@pytest.mark.parametrize("name, stages", list(itertools.product(CONFIGS, [2, 4, 8])))
 def test_partition_balanced_by_compute(name, stages):
     cfg = load_config(f"configs/{name}.yml")
     costs = layer_costs(cfg.model, cfg.model.vocab_size)
