@@ -332,7 +332,8 @@ def check_loadable(meta: dict, cfg: Config, model_cfg, where: Path, tokenizer_sh
     """Everything that can be checked before building the model: tokenizer, shapes, vocab split."""
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {where} has format version {meta.get('format_version')}; this version "
-                              f"reads {FORMAT_VERSION}")
+                              f"reads {FORMAT_VERSION}. Train into a new checkpoint.dir (or log.dir), or resume it "
+                              "with the release that wrote it")
     if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
         raise CheckpointError(
             f"checkpoint {where} was trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}) "
