@@ -328,12 +328,16 @@ def check_compatible(meta: dict, model_cfg, where: Path) -> None:
     raise CheckpointError(f"checkpoint {where} does not match the model config: " + "; ".join(diff) + "." + hint)
 
 
-def check_loadable(meta: dict, cfg: Config, model_cfg, where: Path, tokenizer_sha256: str) -> None:
-    """Everything that can be checked before building the model: tokenizer, shapes, vocab split."""
+def _check_format(meta: dict, where: Path) -> None:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {where} has format version {meta.get('format_version')}; this version "
                               f"reads {FORMAT_VERSION}. Train into a new checkpoint.dir (or log.dir), or resume it "
                               "with the release that wrote it")
+
+
+def check_loadable(meta: dict, cfg: Config, model_cfg, where: Path, tokenizer_sha256: str) -> None:
+    """Everything that can be checked before building the model: tokenizer, shapes, vocab split."""
+    _check_format(meta, where)
     if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
         raise CheckpointError(
             f"checkpoint {where} was trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}) "
@@ -517,9 +521,7 @@ def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, d
     if problem:
         raise CheckpointError(f"checkpoint {where} is damaged: {problem}")
     meta = read_meta(ckpt_dir, tag)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {where} has format version {meta.get('format_version')}; this version "
-                              f"reads {FORMAT_VERSION}")
+    _check_format(meta, where)
     shards = _Shards(where, meta)
     L = shards.L
     state, moms, dims = {}, {k: {} for k in MOMENTS}, {}

@@ -107,6 +107,14 @@ def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
         assert newest_good(ckpt) == "step_00000002"
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         global_state_dict(tmp_path)
+    # a checkpoint of another format version (e.g. DeepSpeed's pickles, version 1) is refused by name
+    from megatron_tokenformer.checkpoint import write_manifest
+
+    meta_path = ckpt / "step_00000002" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 1}))
+    write_manifest(ckpt / "step_00000002")
+    with pytest.raises(CheckpointError, match="format version 1; this version reads 2. Train into a new"):
+        global_state_dict(ckpt / "step_00000002")
 
 
 def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
