@@ -235,8 +235,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                 dims[name] = getattr(p, "partition_dim", None)
             if writer:
                 taus = {m: s for m, s in extra.items() if layer_of(m, L) == layer}
-                _save_safetensors(tensors, tmp / layer_file(layer, grid.tp_rank),
-                                  {"partition_dim": json.dumps(dims), "extra_state": json.dumps(taus)})
+                write_layer(tmp, layer, grid.tp_rank, tensors, dims, taus)
         _save_safetensors(_rng_state(), tmp / f"rng-{grid.rank:05d}.safetensors", {})
         D.barrier()
         if grid.rank == 0:
@@ -251,7 +250,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     "layout": {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
                                "zero_stage": cfg.parallel.zero_stage},
                     "config": cfg.to_dict(), "run_info": run_info, **(extra_meta or {})}
-            _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_meta(tmp, meta)
             write_manifest(tmp)
             if (ckpt_dir / tag).exists():  # the same step saved again (a resumed run): replace it
                 shutil.rmtree(ckpt_dir / tag)
@@ -275,6 +274,17 @@ def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
         save_file(tensors, str(path), metadata={"format": "pt", **metadata})
     except SafetensorError as e:  # a full disk or a file-size limit, reported by the Rust writer
         raise OSError(str(e)) from None
+
+
+def write_layer(directory: Path, layer: int, tp_rank: int, tensors: dict, dims: dict, taus: dict) -> None:
+    """One layer file: tensors by key (weights by global name, moments as `<moment>/<name>`), and in
+    its metadata each parameter's partition dim and each Pattention's extra state (tau)."""
+    _save_safetensors(tensors, directory / layer_file(layer, tp_rank),
+                      {"partition_dim": json.dumps(dims), "extra_state": json.dumps(taus)})
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    _atomic_write(directory / "meta.json", json.dumps(meta, indent=1))
 
 
 def write_manifest(path: Path) -> None:
@@ -357,6 +367,7 @@ class _Shards:
     def __init__(self, where: Path, meta: dict):
         self.where, self.tensor, self.L = where, meta["layout"]["tensor"], meta["config"]["model"]["num_layers"]
         self._files: dict = {}
+        self._keys: dict = {}
         self._meta: dict = {}
 
     def file(self, layer: int, tp: int):
@@ -369,6 +380,7 @@ class _Shards:
                 raise CheckpointError(f"checkpoint {self.where} has no {path.name}")
             try:
                 self._files[key] = safe_open(str(path), framework="pt")
+                self._keys[key] = set(self._files[key].keys())
             except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
                 raise CheckpointError(f"cannot read {path}: {e}") from None
         return self._files[key]
@@ -381,7 +393,8 @@ class _Shards:
     def read(self, name: str, key: str, rank: int = 0, size: int = 1) -> torch.Tensor:
         """Slice `rank` of `size` of the global tensor `key` (the weight or a moment of `name`)."""
         layer = layer_of(name, self.L)
-        if key not in self.file(layer, 0).keys():
+        self.file(layer, 0)
+        if key not in self._keys[layer, 0]:
             raise CheckpointError(f"checkpoint {self.where} has no tensor {key} in {layer_file(layer, 0)}")
         dim = self.metadata(layer, "partition_dim").get(name)
         if dim is None:

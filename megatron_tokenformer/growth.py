@@ -14,7 +14,6 @@ Adam moments of the old tokens are carried, zero for the new ones, and the step 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -136,9 +135,8 @@ def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None
                 for prefix, src in (("", state), *((f"{k}/", m) for k, m in moments.items())):
                     t, d = src[name], layer_dims[name]
                     tensors[prefix + name] = (t.chunk(T, d)[tp] if d is not None else t).contiguous()
-            C._save_safetensors(tensors, tmp / C.layer_file(layer, tp),
-                                {"partition_dim": json.dumps(layer_dims), "extra_state": json.dumps(taus)})
-    C._atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            C.write_layer(tmp, layer, tp, tensors, layer_dims, taus)
+    C.write_meta(tmp, meta)
     C.write_manifest(tmp)
     os.replace(tmp, dst)
 
