@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import sys
 
+from .errors import UserError
+
 
 def run(config_path: str | None, overrides: list[str], help_config: bool = False) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, describe, load_config
-    from .data import DataError
-    from .monitor import MonitorError
-    from .training import TrainingError
+    from .config import describe, load_config
 
     if help_config:
         print(describe())
         return 0
+    if config_path is None:
+        print("error: no --config given; pass one, e.g. --config configs/tiny.yml (configs/ holds the tiny demo "
+              "and the released shapes; `--help-config` lists every key)", file=sys.stderr, flush=True)
+        return 2
     try:
         cfg = load_config(config_path, overrides)
         from .training import pretrain
 
         pretrain(cfg)
-    except (ConfigError, DataError, CheckpointError, MonitorError, TrainingError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

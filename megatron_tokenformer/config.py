@@ -16,8 +16,10 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and what would be valid."""
 
 
@@ -396,8 +398,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    for key in ("num_layers", "hidden_size", "num_heads", "qkv_tokens", "proj_tokens", "ffn_tokens",
-                "seq_length", "vocab_multiple"):
+    for key in ("num_layers", "hidden_size", "num_heads", *TOKEN_KEYS, "seq_length", "vocab_multiple"):
         need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
     need(m.hidden_size % m.num_heads == 0,
          f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
@@ -415,7 +416,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(p.zero_stage in (0, 1, 2),
          f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2 (ZeRO-3 is not supported: tensor parallelism "
          "already shards the parameter tokens, and checkpoints are written per parameter from stages 0-2)")
-    for key in ("qkv_tokens", "proj_tokens", "ffn_tokens"):
+    for key in TOKEN_KEYS:
         need(getattr(m, key) % p.tensor == 0,
              f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")
     need(m.num_heads % p.tensor == 0,

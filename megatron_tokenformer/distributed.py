@@ -1,4 +1,5 @@
-"""Process start-up and the rank grid. Collectives used by the training loop live here too.
+"""Process start-up and the rank grid; the few collectives the training loop itself runs (loss
+means, broadcasts of host objects, barriers). The model's collectives live in mappings.py.
 
 Ranks are laid out tensor-fastest, then pipeline, then data (Megatron's order), so a tensor
 group sits on one node. Groups are created once here and passed explicitly (no hidden globals).
@@ -111,7 +112,8 @@ class DeepSpeedMPU:
         return self.s.dp_group
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a rendezvous on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -121,7 +123,7 @@ def init_distributed() -> tuple[int, int]:
     """Join the process group set up by deepspeed/torchrun, or make a group of one for plain `python`."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         import deepspeed
 

@@ -12,6 +12,8 @@ the model reads as single-device code. Pairs (forward / backward):
 
 `count_comm()` records the bytes each rank sends, with the usual ring-algorithm factors
 (all-reduce 2(p-1)/p, all-gather and reduce-scatter (p-1)/p of the full tensor).
+Code elsewhere never calls torch.distributed's collectives on the tensor group directly: it uses
+these (and `group_size`, `group_rank`, `all_reduce_sum`), so every byte is counted here.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+# The active byte counter, process-wide like torch's autocast state: the collectives run deep
+# inside autograd functions that cannot take an extra argument. It is None (counting nothing)
+# except inside `count_comm()`, which restores the previous one on exit.
 _counter: dict | None = None
 
 
@@ -35,13 +40,19 @@ def count_comm():
         _counter = prev
 
 
-def _size(group) -> int:
+def group_size(group) -> int:
+    """Ranks in a process group (None: a group of one)."""
     return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank within a group (0 in a group of one)."""
+    return 0 if group_size(group) == 1 else dist.get_rank(group)
 
 
 def _record(op: str, phase: str, full: torch.Tensor, group, factor: float) -> None:
     if _counter is not None:
-        p = _size(group)
+        p = group_size(group)
         _counter[(op, phase)] += full.numel() * full.element_size() * factor * (p - 1) / p
 
 
@@ -53,20 +64,20 @@ def _all_reduce(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
 
 
 def _gather_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
-    p = _size(group)
+    p = group_size(group)
     src = x.movedim(-1, 0).contiguous()
     out = torch.empty((p * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, out, group, 1.0)
-    dist.all_gather_single(out, src, group=group)
+    dist.all_gather_into_tensor(out, src, group=group)
     return out.movedim(0, -1)
 
 
 def _reduce_scatter_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
-    p = _size(group)
+    p = group_size(group)
     src = x.movedim(-1, 0).contiguous()
     out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, src, group, 1.0)
-    dist.reduce_scatter_single(out, src, group=group)
+    dist.reduce_scatter_tensor(out, src, group=group)
     return out.movedim(0, -1)
 
 
@@ -126,27 +137,27 @@ class _SumStat(torch.autograd.Function):
 
 
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _CopyTo.apply(x, group)
+    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
 
 
 def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _ReduceFrom.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
 
 
 def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _ReduceScatter.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceScatter.apply(x, group)
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _AllGather.apply(x, group)
+    return x if group_size(group) == 1 else _AllGather.apply(x, group)
 
 
 def sum_stat(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _SumStat.apply(x, group)
+    return x if group_size(group) == 1 else _SumStat.apply(x, group)
 
 
 def max_stat(x: torch.Tensor, group) -> torch.Tensor:
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     x = x.detach().clone()
     _record("max_stat", "fwd", x, group, 2.0)
@@ -156,13 +167,14 @@ def max_stat(x: torch.Tensor, group) -> torch.Tensor:
 
 def all_reduce_sum(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
     """A plain (no autograd) sum over the group, counted; for hand-written backward passes."""
-    return x if _size(group) == 1 else _all_reduce(x, group, phase, op)
+    return x if group_size(group) == 1 else _all_reduce(x, group, phase, op)
 
 
 def gather_param(p: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """The full tensor of a sharded parameter (or gradient), for tests, checkpoints and growth."""
-    if _size(group) == 1:
+    """The full tensor of a sharded parameter (or gradient) on every rank of the group (tests
+    compare sharded models with unsharded ones through it)."""
+    if group_size(group) == 1:
         return p.detach()
-    parts = [torch.empty_like(p) for _ in range(_size(group))]
+    parts = [torch.empty_like(p) for _ in range(group_size(group))]
     dist.all_gather(parts, p.detach().contiguous(), group=group)
     return torch.cat(parts, dim=dim)

@@ -12,6 +12,7 @@ heads, the output projection gathers them back, and embedding and loss are vocab
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class Block(nn.Module):
 
     def _build(self, cfg: ModelConfig, tp_group) -> None:
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads // M._size(tp_group), d // cfg.num_heads  # local heads
+        self.num_heads, self.head_dim = cfg.num_heads // M.group_size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
         kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std, tp_group=tp_group,
                   impl=cfg.pattention_impl)
@@ -132,8 +133,57 @@ def pattention_flops_per_token(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_block
 
 
+def attention_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one block's attention core: QK^T and AV, 2*t*d each. The causal
+    mask is not discounted (the convention of MFU figures, PaLM's and Megatron's)."""
+    return 2 * 2 * cfg.seq_length * cfg.hidden_size
+
+
 def model_flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
     """Training FLOPs per token (forward + backward = 3x forward): Pattentions, attention, head."""
-    attn = cfg.num_layers * 2 * 2 * cfg.seq_length * cfg.hidden_size  # QK^T and AV, causal not discounted
     head = 2 * cfg.hidden_size * vocab_size
-    return 3 * (pattention_flops_per_token(cfg) + attn + head)
+    return 3 * (pattention_flops_per_token(cfg) + cfg.num_layers * attention_flops_per_token(cfg) + head)
+
+
+# ---- the layer order ------------------------------------------------------------------------
+# [embedding, block 0 .. block L-1, final norm, head] in one place: pipeline stages cut this
+# list, checkpoints file parameters by it, the planner and the pipeline balance walk it.
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    flops: int
+    """Forward FLOPs per token."""
+    sharded: int
+    """Parameters split over the tensor-parallel ranks (at tensor size 1)."""
+    replicated: int
+    """Parameters every tensor rank holds."""
+
+
+def layer_names(num_layers: int) -> list[str]:
+    """The layers by their TokenFormerModel module names ("head" is the tied embedding again)."""
+    return ["embed", *[f"blocks.{i}" for i in range(num_layers)], "final_norm", "head"]
+
+
+def layers(cfg: ModelConfig, vocab_size: int) -> list[Layer]:
+    """The model as its flat sequence of layers. The head's weight is the embedding's (a
+    pipeline's last stage holds a copy)."""
+    d = cfg.hidden_size
+    block_params = 2 * d * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens)
+    block_flops = pattention_flops_per_token(cfg) // cfg.num_layers + attention_flops_per_token(cfg)
+    embed, *blocks, norm, head = layer_names(cfg.num_layers)
+    return [Layer(embed, d, vocab_size * d, 0),
+            *[Layer(name, block_flops, block_params, 0) for name in blocks],
+            Layer(norm, 5 * d, 0, 2 * d),
+            Layer(head, 2 * d * vocab_size, vocab_size * d, 0)]
+
+
+def layer_index(param_name: str, num_layers: int) -> int:
+    """Position in `layers()` of the layer holding a TokenFormerModel parameter (or module):
+    0 embedding (and so the tied head), 1..L blocks, L+1 final norm."""
+    parts = param_name.split(".")
+    name = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+    names = layer_names(num_layers)[:-1]  # the head holds no parameter of its own
+    if name not in names:
+        raise ValueError(f"parameter {param_name!r} belongs to no TokenFormer layer")
+    return names.index(name)

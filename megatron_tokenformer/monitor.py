@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 from .config import Config
+from .errors import UserError
 
 
-class MonitorError(RuntimeError):
-    pass
+class MonitorError(UserError, RuntimeError):
+    """W&B cannot start as configured; the message names the log.* key to change."""
 
 
 class Monitor:
@@ -76,6 +77,27 @@ class Monitor:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+    def summary(self, s: dict) -> None:
+        """The end-of-run lines: where the run got to, how fast, where its outputs are."""
+        if not self.active:
+            return
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        lines = [f"done: step {s['step']} ({s['steps_run']} steps in {s['seconds'] / 60:.1f} min, "
+                 f"{fmt(s['tokens_per_sec'], ',.0f')} tokens/s overall)",
+                 f"  training loss {fmt(s['loss'], '.4f')}, validation loss {fmt(s['valid_loss'], '.4f')}, "
+                 f"perplexity {fmt(s['valid_ppl'], '.2f')}",
+                 f"  checkpoint: {s['checkpoint'] or 'none'}", f"  metrics:    {s['metrics']}"]
+        if s.get("wandb"):
+            lines.append(f"  W&B run:    {s['wandb']}")
+        self.message("\n".join(lines))
+
+    def wandb_dir(self) -> str | None:
+        """Where the W&B run is: its URL online, its directory offline (upload with `wandb sync`)."""
+        run = self.wandb_run
+        if run is None:
+            return None
+        return run.url if getattr(run, "url", None) else f"{run.dir.removesuffix('/files')} (wandb sync to upload)"
 
     def close(self) -> None:
         if self.bar is not None:

@@ -13,10 +13,10 @@ and V, computes its local scores, normalises them with row statistics summed ove
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -48,7 +48,7 @@ def theta(scores: torch.Tensor, norm: str, tau: float, eps: float = EPS, group=N
         g = F.gelu(s)
         a = g * (tau * torch.rsqrt(M.sum_stat(g.square().sum(-1, keepdim=True), group) + eps))
     elif norm == "softmax":
-        if M._size(group) == 1:
+        if M.group_size(group) == 1:
             a = tau * torch.softmax(s, dim=-1)  # subtracts the row max (the reference does not: fp16 overflow)
         else:
             e = torch.exp(s - M.max_stat(s.amax(-1, keepdim=True), group))
@@ -108,19 +108,22 @@ def _theta_bwd(s_c, stats, d_a_c, norm: str, tau: float, group):
     return a.to(s_c.dtype), d_s.to(s_c.dtype)
 
 
-_compiled: dict = {}
+@functools.cache
+def _compiled_kernels():
+    """torch.compile'd theta passes, built once per process (torch.compile's caches are
+    process-wide anyway). Each Pattention's (norm, tau, shape, dtype) is one specialisation, and a
+    model has a dozen or so (more after growth), above dynamo's default recompile limit of 8, so
+    that process-wide limit is raised here, where the only code that needs it is compiled."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(_theta_fwd), torch.compile(_theta_bwd)
 
 
 def _kernels(compiled: bool, group):
     """The elementwise passes, eager or torch.compile'd into fused kernels (tensor group of one:
     collectives stay outside compiled code)."""
-    if not compiled or M._size(group) > 1 or torch.compiler.is_compiling():
+    if not compiled or M.group_size(group) > 1 or torch.compiler.is_compiling():
         return _theta_fwd, _theta_bwd  # (inside a compiled model, the outer compile fuses them)
-    if not _compiled:
-        # One specialisation per (norm, tau, shape, dtype): a model has a handful; allow them all.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled["fwd"], _compiled["bwd"] = torch.compile(_theta_fwd), torch.compile(_theta_bwd)
-    return _compiled["fwd"], _compiled["bwd"]
+    return _compiled_kernels()
 
 
 class _FusedPattention(torch.autograd.Function):
@@ -179,7 +182,7 @@ class Pattention(nn.Module):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
-        tp = M._size(tp_group)
+        tp = M.group_size(tp_group)
         if num_tokens % tp:
             raise ValueError(f"{num_tokens} parameter tokens do not split over {tp} tensor-parallel ranks")
         self.in_features, self.out_features, self.num_tokens = in_features, out_features, num_tokens
@@ -204,7 +207,7 @@ class Pattention(nn.Module):
         # One master tensor from the shared seed, sliced: a TP=p model holds the TP=1 model's numbers.
         for p, std in ((self.key_tokens, self.key_std), (self.value_tokens, self.value_std)):
             full = torch.empty(p.global_shape, dtype=p.dtype, device=p.device).normal_(std=std)
-            rank = dist.get_rank(self.tp_group) if M._size(self.tp_group) > 1 else 0
+            rank = M.group_rank(self.tp_group)
             with torch.no_grad():
                 p.copy_(full.narrow(p.partition_dim, rank * p.shape[p.partition_dim], p.shape[p.partition_dim]))
 

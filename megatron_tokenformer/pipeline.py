@@ -1,26 +1,36 @@
 """Pipeline parallelism: the TokenFormer layers cut into stages, run by DeepSpeed's 1F1B engine.
 
-The stage list is [embedding, block x L, final norm, tied head]: the same layer classes and
-per-layer seeds as `TokenFormerModel`, so a PP=P model holds the PP=1 model's numbers. Stages are
-balanced by estimated compute (a block's cost follows its Pattention token counts; the head's
-its vocab), not by layer count.
+The stage list is `model.layers()` ([embedding, block x L, final norm, tied head]) built from the
+same layer classes and per-layer seeds as `TokenFormerModel`, so a PP=P model holds the PP=1
+model's numbers. Stages are balanced by estimated compute (a block's cost follows its Pattention
+token counts; the head's its vocab), not by layer count.
 """
 from __future__ import annotations
 
 import torch
 
 from .config import Config, ModelConfig
+from .deepspeed_adapter import pipeline_module_class
 from .distributed import ParallelState
-from .model import Block, FinalNorm
+from .model import Block, FinalNorm, layer_names, layers
 from .seeding import layer_seeds
-from .vocab_parallel import VocabParallelEmbedding, cross_entropy
+from .vocab_parallel import VocabParallelEmbedding, cross_entropy, vocab_range
+
+TIED_PREFIX = "tied_modules.embed."  # where DeepSpeed keeps the tied embedding of a pipeline module
 
 
 def layer_costs(cfg: ModelConfig, vocab_size: int) -> list[int]:
     """Forward FLOPs per token of each pipeline layer: embedding, blocks, final norm, head."""
-    d, t = cfg.hidden_size, cfg.seq_length
-    block = 2 * 2 * d * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens) + 2 * t * d  # + causal attention
-    return [d, *([block] * cfg.num_layers), 5 * d, 2 * d * vocab_size]
+    return [layer.flops for layer in layers(cfg, vocab_size)]
+
+
+def global_name(local: str, num_layers: int) -> str:
+    """TokenFormerModel's name for a parameter of a pipeline module (which names its layers by
+    their index in `model.layers()` and keeps the tied embedding under tied_modules)."""
+    if local.startswith(TIED_PREFIX):
+        return "embed." + local.removeprefix(TIED_PREFIX)
+    idx, rest = local.split(".", 1)
+    return f"{layer_names(num_layers)[int(idx)]}.{rest}"
 
 
 def partition(costs: list[int], stages: int) -> list[int]:
@@ -51,8 +61,7 @@ def partition(costs: list[int], stages: int) -> list[int]:
     return parts[::-1]
 
 
-def describe_partition(parts: list[int], costs: list[int], num_layers: int) -> str:
-    names = ["embed", *[f"block{i}" for i in range(num_layers)], "final_norm", "head"]
+def describe_partition(parts: list[int], costs: list[int], names: list[str]) -> str:
     total = sum(costs)
     lines = []
     for s in range(len(parts) - 1):
@@ -70,14 +79,14 @@ class _Loss:
     """The vocab-parallel loss on the last stage."""
 
     def __init__(self, vocab_size: int, ps: ParallelState):
-        self.tp_group, self.start = ps.tp_group, ps.grid.tp_rank * (vocab_size // ps.grid.tensor)
+        self.tp_group, (self.start, _) = ps.tp_group, vocab_range(vocab_size, ps.grid.tp_rank, ps.grid.tensor)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), self.tp_group, self.start)
 
 
 def build_pipeline(cfg: Config, vocab_size: int, ps: ParallelState):
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     m = cfg.model
@@ -88,19 +97,13 @@ def build_pipeline(cfg: Config, vocab_size: int, ps: ParallelState):
              LayerSpec(FinalNorm, m.hidden_size, m.norm_eps),
              TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], forward_fn=_head,
                            tied_weight_attr=["weight"])]
-    costs = layer_costs(m, vocab_size)
+    table = layers(m, vocab_size)
+    costs = [layer.flops for layer in table]
     parts = partition(costs, cfg.parallel.pipeline)
-
-    class TokenFormerPipe(PipelineModule):
-        def _partition_layers(self, method="compute"):
-            self.parts = parts
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
     g = ps.grid
     # Our rank order (tensor fastest, then pipeline, then data) as a DeepSpeed topology.
     topo = ProcessTopology(axes=["data", "pipe", "model"], dims=[g.data, g.pipeline, g.tensor])
-    module = TokenFormerPipe(specs, topology=topo, loss_fn=_Loss(vocab_size, ps),
+    module = pipeline_module_class(parts)(specs, topology=topo, loss_fn=_Loss(vocab_size, ps),
                              activation_checkpoint_interval=1 if m.activation_checkpointing else 0,
                              checkpointable_layers=["Block"])
-    return module, describe_partition(parts, costs, m.num_layers)
+    return module, describe_partition(parts, costs, [layer.name for layer in table])

@@ -4,16 +4,16 @@ Memory per GPU, for the most loaded pipeline stage:
 - weights: 2 bytes a parameter in bf16/fp16 (4 in fp32), this rank's tensor shard;
 - gradients: the same width (bf16 gradients; fp32 in fp32 training);
 - optimizer: Adam moments (8 bytes) plus an fp32 master copy (4) under mixed precision;
-- ZeRO over the D data-parallel ranks divides the optimizer state (stage >= 1), the gradients
-  (>= 2) and the weights (3);
+- ZeRO over the D data-parallel ranks divides the optimizer state (stage >= 1) and the gradients
+  (2); the config offers stages 0-2, so the planner does too (tensor parallelism already shards
+  the parameter tokens);
 - activations: the bytes a block keeps for backward per token, measured once on the CPU with a
   real block (`block_activation_bytes`), times the tokens in flight (1F1B keeps up to P micro-batches
   on the first stage); with activation checkpointing, each block keeps only its input plus one
   block's full activations during its recompute; plus the logits on the last stage.
 Step time: model FLOPs / (GPUs x achieved FLOP/s) stretched by the pipeline bubble, plus the
 tensor-parallel collectives (bytes counted in `docs/TENSOR_PARALLEL.md`), the pipeline sends and
-the data-parallel gradient reduction (and ZeRO-3's weight gathers), each over the link its group
-spans; no overlap assumed.
+the data-parallel gradient reduction, each over the link its group spans; no overlap assumed.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ModelConfig
-from .model import Block, model_flops_per_token
-from .pipeline import layer_costs, partition
+from .config import TOKEN_KEYS, Config, ModelConfig
+from .model import Block, layers, model_flops_per_token
+from .pipeline import partition
 
 GB = 2**30
 
@@ -106,12 +106,11 @@ def tp_bytes_per_token(cfg: ModelConfig, tensor: int, wbytes: int, layers: int |
 
 def stage_params(cfg: ModelConfig, vocab: int, pipeline: int) -> tuple[list[tuple[int, int]], list[int]]:
     """(sharded, replicated) parameter counts of each pipeline stage at tensor size 1, and the cut."""
-    d = cfg.hidden_size
-    block = 2 * d * (3 * cfg.qkv_tokens) + 2 * d * cfg.proj_tokens + 2 * d * cfg.ffn_tokens
-    layer = [(vocab * d, 0), *[(block, 0)] * cfg.num_layers, (0, 2 * d), (vocab * d, 0)]
+    table = layers(cfg, vocab)
+    layer = [(x.sharded, x.replicated) for x in table]
     if pipeline == 1:
         layer = layer[:-1]  # the tied head is the embedding itself
-    parts = partition(layer_costs(cfg, vocab), pipeline) if pipeline > 1 else [0, len(layer)]
+    parts = partition([x.flops for x in table], pipeline) if pipeline > 1 else [0, len(layer)]
     return [(sum(s for s, _ in layer[a:b]), sum(r for _, r in layer[a:b])) for a, b in zip(parts, parts[1:])], parts
 
 
@@ -119,12 +118,14 @@ def estimate(cfg: Config, vocab: int, tensor: int, pipeline: int, data: int, zer
              act: dict[str, float], flops_per_gpu: float, gpus_per_node: int, intra_gbps: float,
              inter_gbps: float) -> Plan:
     m, t = cfg.model, cfg.train
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"ZeRO stage {zero_stage}: the config accepts 0, 1 or 2")
     wbytes = 4 if t.precision == "fp32" else 2
     mixed = t.precision != "fp32"
     stages, parts = stage_params(m, vocab, pipeline)
     # the most loaded stage in memory (first or last: the embedding)
     params = max(s / tensor + r for s, r in stages)
-    weights = params * wbytes / (data if zero_stage == 3 else 1)
+    weights = params * wbytes
     grads = params * wbytes / (data if zero_stage >= 2 else 1)
     optimizer = params * (12 if mixed else 8) / (data if zero_stage >= 1 else 1)
 
@@ -153,9 +154,8 @@ def estimate(cfg: Config, vocab: int, tensor: int, pipeline: int, data: int, zer
     tp_time = tp_bytes * tokens / data / (link(tensor) * 1e9) if tensor > 1 else 0.0
     pp_time = (2 * m_count * micro * m.hidden_size * wbytes / tensor / (link(tensor * pipeline) * 1e9)
                if pipeline > 1 else 0.0)
-    # gradient reduce-scatter + all-gather (ZeRO 0-2); ZeRO-3 also gathers the weights in backward
-    dp_passes = 3 if zero_stage == 3 else 2
-    dp_time = (dp_passes * (data - 1) / data * params * wbytes / (link(gpus) * 1e9)) if data > 1 else 0.0
+    # gradient reduce-scatter + all-gather (ZeRO 0-2)
+    dp_time = (2 * (data - 1) / data * params * wbytes / (link(gpus) * 1e9)) if data > 1 else 0.0
     step = compute + tp_time + pp_time + dp_time
     return Plan(tensor, pipeline, data, zero_stage, ckpt, m_count, weights / GB, grads / GB, optimizer / GB,
                 activations / GB, (weights + grads + optimizer + activations) / GB, step, tokens / step, bubble)
@@ -169,13 +169,13 @@ def plans(cfg: Config, vocab: int, gpus: int, gpu_memory_gb: float, flops_per_gp
     act = block_activation_bytes(m, dtype)
     out = []
     for tensor in [x for x in range(1, gpus + 1) if gpus % x == 0]:
-        if m.num_heads % tensor or any(getattr(m, k) % tensor for k in ("qkv_tokens", "proj_tokens", "ffn_tokens")):
+        if m.num_heads % tensor or any(getattr(m, k) % tensor for k in TOKEN_KEYS):
             continue
         for pipeline in [x for x in range(1, gpus // tensor + 1) if (gpus // tensor) % x == 0]:
             data = gpus // (tensor * pipeline)
             if pipeline > m.num_layers or t.global_batch_size % (t.micro_batch_size * data):
                 continue
-            for zero in ((1,) if pipeline > 1 else (1, 2, 3)):
+            for zero in ((1,) if pipeline > 1 else (1, 2)):  # what validate() accepts
                 for ckpt in (False, True):
                     out.append(estimate(cfg, vocab, tensor, pipeline, data, zero, ckpt, act, flops_per_gpu,
                                         gpus_per_node, intra_gbps, inter_gbps))

@@ -7,7 +7,6 @@ reduced over the group (Megatron's vocab-parallel cross-entropy).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -15,16 +14,20 @@ from . import mappings as M
 from .seeding import seeded
 
 
+def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
+    """The vocab rows [start, end) that tensor rank `rank` of `size` holds."""
+    local = vocab_size // size
+    return rank * local, (rank + 1) * local
+
+
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, std: float, tp_group=None, seed: int | None = None):
         super().__init__()
-        tp = M._size(tp_group)
+        tp = M.group_size(tp_group)
         if vocab_size % tp:
             raise ValueError(f"vocab size {vocab_size} does not split over {tp} tensor-parallel ranks")
         self.tp_group, self.vocab_size = tp_group, vocab_size
-        rank = dist.get_rank(tp_group) if tp > 1 else 0
-        local = vocab_size // tp
-        self.start, self.end = rank * local, (rank + 1) * local
+        self.start, self.end = vocab_range(vocab_size, M.group_rank(tp_group), tp)
         with seeded(seed):
             full = torch.empty(vocab_size, hidden_size).normal_(std=std)  # master tensor, sliced
         self.weight = nn.Parameter(full[self.start:self.end].clone())
@@ -32,7 +35,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.model_parallel = tp > 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if M._size(self.tp_group) == 1:
+        if M.group_size(self.tp_group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.start) | (ids >= self.end)
         local = torch.where(outside, 0, ids - self.start)
@@ -56,9 +59,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp()
         sumexp = exp.sum(-1)
         both = torch.stack((picked, sumexp))  # one all-reduce for the two statistics
-        M._record("cross_entropy", "fwd", both, group, 2.0)
-        dist.all_reduce(both, group=group)
-        picked, sumexp = both
+        picked, sumexp = M.all_reduce_sum(both, group, "fwd", "cross_entropy")
         ctx.save_for_backward(exp.div_(sumexp.unsqueeze(-1)), local, inside)
         return sumexp.log() - picked
 
@@ -74,6 +75,6 @@ class _VocabParallelCE(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_start: int = 0) -> torch.Tensor:
     """Mean token loss of vocab-sharded logits (N, V/p), this rank's shard starting at
     `vocab_start`, against global targets (N,)."""
-    if M._size(tp_group) == 1:
+    if M.group_size(tp_group) == 1:
         return F.cross_entropy(logits.float(), target)
     return _VocabParallelCE.apply(logits, target, vocab_start, tp_group).mean()

@@ -1,17 +1,12 @@
 """Run a test body on N real gloo processes (torch.multiprocessing), failing if any rank fails."""
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_tokenformer.distributed import free_port
 
 
 def _worker(rank, world, port, fn, args, errors):
@@ -32,7 +27,7 @@ def run_on_ranks(world: int, fn, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(world, _port(), fn, args, errors), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
     except Exception:
         msgs = []
         while not errors.empty():

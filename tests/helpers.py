@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_tokenformer.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A small model on the real corpus: fast on 2 CPU cores, big enough to learn.
@@ -30,19 +32,11 @@ def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = 
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_port()), script, *args]
+               "--master_port", str(free_port()), script, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(run_dir) -> list[dict]:

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token  # noqa: E402
-from megatron_tokenformer.config import load_config  # noqa: E402
-from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token  # noqa: E402
-from megatron_tokenformer.pattention import Pattention  # noqa: E402
-from megatron_tokenformer.planner import saved_tensor_bytes, tp_bytes_per_token  # noqa: E402
+from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token
+from megatron_tokenformer.config import load_config
+from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
+from megatron_tokenformer.pattention import Pattention
+from megatron_tokenformer.planner import saved_tensor_bytes, tp_bytes_per_token
 
 # Dense peak FLOP/s (bf16 tensor cores; fp32 without TF32) by device name.
 PEAKS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 
 import torch
@@ -19,10 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_tokenformer import mappings as M  # noqa: E402
-from megatron_tokenformer.config import ModelConfig  # noqa: E402
-from megatron_tokenformer.model import Block  # noqa: E402
+from megatron_tokenformer import mappings as M
+from megatron_tokenformer.config import ModelConfig
+from megatron_tokenformer.distributed import free_port
+from megatron_tokenformer.model import Block
 
 
 class MegatronBlock(nn.Module):
@@ -59,9 +57,7 @@ def _measure(rank, world, port, cfg_dict, tokens, out_q):
 
 
 def measure(cfg: ModelConfig, tp: int, tokens: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_measure, args=(tp, port, cfg.__dict__, tokens, q), nprocs=tp, start_method="spawn")

@@ -11,14 +11,13 @@ the old tokens (zero for the new ones) and the step count; the LR schedule resta
 grown run's config; the data position continues. --scale F multiplies every token count by F.
 """
 import argparse
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_tokenformer.checkpoint import CheckpointError, read_meta, resolve  # noqa: E402
-from megatron_tokenformer.config import TOKEN_KEYS  # noqa: E402
-from megatron_tokenformer.growth import KEY_INITS, TAUS, VALUE_INITS, GrowthError, GrowthOptions, expand_checkpoint  # noqa: E402,E501
+from megatron_tokenformer.checkpoint import read_meta, resolve
+from megatron_tokenformer.config import TOKEN_KEYS
+from megatron_tokenformer.errors import UserError
+from megatron_tokenformer.growth import KEY_INITS, TAUS, VALUE_INITS, GrowthError, GrowthOptions, expand_checkpoint
 
 
 def main() -> int:
@@ -48,13 +47,17 @@ def main() -> int:
         for w in opts.warnings(read_meta(*resolve(args.load))["config"]["model"]["norm"]):
             warnings.warn(w, stacklevel=1)
         dst, entry = expand_checkpoint(args.load, args.save, counts, opts)
-    except (GrowthError, CheckpointError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     before, after = entry["tokens_before"], entry["tokens_after"]
     print(f"wrote {dst}: step {entry['step']}, " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in TOKEN_KEYS)
           + f", {entry['params_before']:,} -> {entry['params_after']:,} parameters")
-    print(f"resume it with: checkpoint.load={dst.parent} and model token counts {after}")
+    name = entry["parent_name"] or "run"
+    overrides = " ".join(f"model.{k}={after[k]}" for k in TOKEN_KEYS)
+    print("train it with the parent's config and these overrides (a new run directory, so the parent's "
+          "is not resumed):\n"
+          f"  {overrides} checkpoint.load={dst.parent} log.run_name={name}-grown log.dir=runs/{name}-grown")
     return 0
 
 

@@ -8,17 +8,15 @@ tau (a per-layer constant that is part of the function). Load the result with
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_tokenformer.checkpoint import CheckpointError, global_state_dict  # noqa: E402
+from megatron_tokenformer.checkpoint import CheckpointError, global_state_dict
+from megatron_tokenformer.checkpoint.files import save_safetensors
+from megatron_tokenformer.errors import UserError
 
 
 def export(load: str, out: str) -> Path:
-    from safetensors.torch import save_file
-
     state, meta = global_state_dict(load)
     tensors = {k: v.contiguous() for k, v in state.items() if hasattr(v, "contiguous")}
     tau = {k.removesuffix("._extra_state"): v["tau"] for k, v in state.items() if k.endswith("._extra_state")}
@@ -26,7 +24,7 @@ def export(load: str, out: str) -> Path:
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; choose a new --out")
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, dst / "model.safetensors", {})  # mode 0644 (under umask 022), like config.json
     (dst / "config.json").write_text(json.dumps({"config": meta["config"], "vocab_size": meta["vocab_size"],
                                                   "step": meta["step"], "tau": tau,
                                                   "source_layout": meta["layout"]}, indent=1))
@@ -40,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         print(f"wrote {export(args.load, args.out)}")
-    except CheckpointError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

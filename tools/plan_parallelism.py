@@ -9,12 +9,10 @@ the memory and time model.
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_tokenformer.config import ConfigError, load_config  # noqa: E402
-from megatron_tokenformer.planner import HEADER, parse_memory, plans  # noqa: E402
+from megatron_tokenformer.config import ConfigError, load_config
+from megatron_tokenformer.planner import HEADER, parse_memory, plans
 
 
 def main() -> int:

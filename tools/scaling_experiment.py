@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_tokenformer.config import TOKEN_KEYS, load_config, padded_vocab_size
+from megatron_tokenformer.data import load_meta
+from megatron_tokenformer.model import model_flops_per_token
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from megatron_tokenformer.config import TOKEN_KEYS, load_config, padded_vocab_size  # noqa: E402
-from megatron_tokenformer.data import load_meta  # noqa: E402
-from megatron_tokenformer.model import model_flops_per_token  # noqa: E402
 
 
 def _rows(run: Path) -> list[dict]:

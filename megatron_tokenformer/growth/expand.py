@@ -1,4 +1,4 @@
-"""Incremental scaling: grow a trained TokenFormer by appending key-value parameter tokens.
+"""Growth on global tensors: a checkpoint in, a grown checkpoint out (tools/expand_params.py).
 
 Growth happens on global tensors (DESIGN.md section 2), then the result is written in the usual
 checkpoint format and resharded on load like any checkpoint:
@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as C
-from .config import TOKEN_KEYS, ModelConfig, config_from_dict
-from .pattention import default_tau
+from ..checkpoint.files import PARTIAL, layer_of, tag_for, write_layer, write_meta
+from ..checkpoint.integrity import commit, staging
+from ..checkpoint.reader import global_state
+from ..config import TOKEN_KEYS, ModelConfig, config_from_dict
+from ..errors import UserError
+from ..pattention import default_tau
 
 KEY_INITS, VALUE_INITS, TAUS = ("zero", "normal"), ("normal", "zero"), ("keep", "sqrt-n")
 FIELD = {"qkv": "qkv_tokens", "proj": "proj_tokens", "ffn": "ffn_tokens"}  # Pattention module -> config key
 
 
-class GrowthError(ValueError):
+class GrowthError(UserError, ValueError):
     """A growth that cannot be done; the message names the option to change."""
 
 
@@ -118,16 +119,14 @@ def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None
     """Write global tensors as a checkpoint in `dst` (a step_* directory) at meta's tensor size,
     atomically: into dst.partial, manifest, rename."""
     T, L = meta["layout"]["tensor"], meta["config"]["model"]["num_layers"]
-    tmp = dst.with_name(dst.name + C.PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(dst)
     by_layer: dict[int, list[str]] = {}
     for name, t in state.items():
         if isinstance(t, torch.Tensor):
-            by_layer.setdefault(C.layer_of(name, L), []).append(name)
+            by_layer.setdefault(layer_of(name, L), []).append(name)
     for layer, names in sorted(by_layer.items()):
         taus = {k.removesuffix("._extra_state"): v for k, v in state.items()
-                if k.endswith("._extra_state") and C.layer_of(k, L) == layer}
+                if k.endswith("._extra_state") and layer_of(k, L) == layer}
         layer_dims = {n: dims.get(n) for n in names}
         for tp in range(T):
             tensors = {}
@@ -135,10 +134,9 @@ def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None
                 for prefix, src in (("", state), *((f"{k}/", m) for k, m in moments.items())):
                     t, d = src[name], layer_dims[name]
                     tensors[prefix + name] = (t.chunk(T, d)[tp] if d is not None else t).contiguous()
-            C.write_layer(tmp, layer, tp, tensors, layer_dims, taus)
-    C.write_meta(tmp, meta)
-    C.write_manifest(tmp)
-    os.replace(tmp, dst)
+            write_layer(tmp, layer, tp, tensors, layer_dims, taus)
+    write_meta(tmp, meta)
+    commit(tmp, dst)
 
 
 def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], opts: GrowthOptions,
@@ -146,7 +144,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
     """Grow the checkpoint at `src` (a checkpoint dir or one step_* in it) to the token `counts`
     ({qkv_tokens: N, ...}; missing keys unchanged) and write it as `dst`/<tag> (default: the source's
     step tag). Returns (the new step directory, its lineage entry). The source is only read."""
-    state, moments, meta = C.global_state(src, moments=True)
+    state, moments, meta = global_state(src, moments=True)
     old_cfg = config_from_dict(meta["config"])
     model = old_cfg.model
     new_model = dataclasses.replace(model, **{k: v for k, v in counts.items() if v is not None})
@@ -156,8 +154,8 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
     T = meta["layout"]["tensor"]
     seed = opts.seed if opts.seed is not None else old_cfg.train.seed + meta["step"]
     new_state, new_moments = grow(state, moments, model, new_model, T, opts, seed)
-    dst = Path(dst) / (tag or C.tag_for(meta["step"]))
-    if dst.exists() or dst.with_name(dst.name + C.PARTIAL).exists():
+    dst = Path(dst) / (tag or tag_for(meta["step"]))
+    if dst.exists() or dst.with_name(dst.name + PARTIAL).exists():
         raise GrowthError(f"{dst} already exists; choose a new --save directory (nothing was written)")
     entry = {"parent_run": meta["run_info"].get("wandb_id"), "parent_name": old_cfg.log.run_name,
              "source": str(Path(src).resolve()), "step": meta["step"],

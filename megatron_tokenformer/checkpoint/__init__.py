@@ -1,0 +1,36 @@
+"""Checkpoints: layout-independent, atomic, verified, read without unpickling.
+
+Layout of `checkpoint.dir`:
+    step_00000100/            one complete checkpoint
+        meta.json             step, data position, optimizer step, LR schedule, engine counters,
+                              the resolved config, the tokenizer's sha256, the layout that wrote it
+        layer_LLL-tpTT.safetensors   layer LLL (`model.layers()`: 0 embedding, 1..L blocks, L+1 final
+                              norm) as held by tensor rank TT: each parameter by its global name
+                              (fp32 master weight), its Adam moments as `exp_avg/<name>` and
+                              `exp_avg_sq/<name>`, and in the file metadata each Pattention's tau
+                              and each parameter's partition dim
+        rng-RRRRR.safetensors the RNG state of global rank RRRRR (restored when the layout is the same)
+        manifest.json         size and sha256 of every file
+    step_00000200.partial/    one being written (never loaded)
+    latest                    name of the newest complete checkpoint (informational; resume scans)
+
+Nothing in a checkpoint depends on the data-parallel size, the ZeRO stage or the pipeline cut:
+a parameter's shard is re-sliced from the tensor shards on load (DESIGN.md section 3, "Checkpoints
+at any layout"), so a run saved at (tensor a, pipeline b, data c, ZeRO z) resumes at any other
+layout with its weights, Adam moments, step, LR schedule and data position. At the same layout it
+continues bit-exactly.
+
+The package's modules, one job each:
+    files.py      the format: names, layer files, meta.json, reading any slice of a global tensor
+    integrity.py  manifest, verification, the one atomic writer of checkpoint directories, which
+                  checkpoint to use
+    reader.py     offline reads of a whole checkpoint as global tensors (`load_model`, export, growth)
+    save_load.py  saving from and loading into a running DeepSpeed engine (the only engine side)
+Growth, export and conversion use the first three only; this module re-exports their public names.
+"""
+from .files import FORMAT_VERSION, CheckpointError, read_meta, tag_for
+from .integrity import newest_good, resolve, verify, write_manifest
+from .reader import global_state, global_state_dict, load_model
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "read_meta", "tag_for", "newest_good", "resolve", "verify",
+           "write_manifest", "global_state", "global_state_dict", "load_model"]

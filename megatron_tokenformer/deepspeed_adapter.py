@@ -1,0 +1,172 @@
+"""Every use of DeepSpeed internals, in one place. Checked against DeepSpeed 0.19.8.
+
+The rest of the package talks to DeepSpeed through its public API (`deepspeed.initialize`, the
+engine's train/eval/step methods, `deepspeed.utils.safe_*`). What that API does not offer, and
+this module reaches for:
+- `param._hp_mapping`: whether ZeRO-1/2 or the bf16 optimizer holds a parameter's fp32 master in
+  its flat partitions (then the safe_* accessors read it);
+- `optimizer._lazy_init_hp_params_optimizer_state()`: after creating the Adam state that torch
+  creates lazily, point each parameter's fragments at it;
+- the dynamic loss scaler's fields (`cur_scale`, `cur_iter`, `last_overflow_iter`,
+  `cur_hysteresis`), carried across a resume;
+- the engine's step counters (`global_steps`, `global_samples`, `skipped_steps`);
+- `PipelineModule._partition_layers`, `_set_bounds` and `_topo`, to cut the pipeline where our
+  compute-balanced partition says.
+`check_internals()` fails loudly, naming what moved, if a DeepSpeed release changes any of them;
+tests/test_deepspeed_adapter.py runs it against real engines.
+"""
+from __future__ import annotations
+
+import torch
+
+CHECKED_WITH = "0.19.8"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+class DeepSpeedChanged(RuntimeError):
+    """A DeepSpeed internal this package relies on is gone or different."""
+
+
+class MasterWeightsUnreadable(RuntimeError):
+    """The optimizer keeps fp32 master weights where they cannot be read per parameter."""
+
+
+class OptimizerState:
+    """Each parameter's fp32 master weight and Adam moments, whichever optimizer DeepSpeed built:
+    torch's AdamW itself (ZeRO-0 in fp32), or ZeRO-1/2 / bf16 flat partitions over data parallel,
+    read and written through DeepSpeed's per-parameter accessors (collectives over data parallel:
+    every rank of a data-parallel group calls them in the same order)."""
+
+    def __init__(self, engine):
+        self.opt = engine.optimizer
+        self.base = getattr(self.opt, "optimizer", self.opt)  # the torch optimizer holding the state
+        self.have_state = any(self.base.state.values())  # torch creates it at the first step
+
+    def step(self) -> int:
+        for st in self.base.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def get(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """{"": master weight, "exp_avg": ..., "exp_avg_sq": ...} of the full parameter, fp32 on CPU."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if hasattr(p, "_hp_mapping"):
+            out = {"": safe_get_full_fp32_param(p)}
+            for k in MOMENTS:
+                out[k] = safe_get_full_optimizer_state(p, k) if self.have_state else torch.zeros_like(out[""])
+        else:
+            if p.dtype != torch.float32:  # never save a rounded copy as the master weights
+                raise MasterWeightsUnreadable(
+                    f"{type(self.opt).__name__} keeps the fp32 master weights where checkpoints cannot read them "
+                    "per parameter; use parallel.zero_stage>=1")
+            st = self.base.state.get(p, {})
+            out = {"": p.detach().float(), **{k: st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)
+                                               for k in MOMENTS}}
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+    def prepare(self, step: int) -> None:
+        """Create the Adam state torch creates lazily at the first step, with `step` as its count."""
+        for group in self.base.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for q in group["params"]:
+                st = self.base.state[q]
+                for k in MOMENTS:
+                    st.setdefault(k, torch.zeros_like(q, memory_format=torch.preserve_format))
+                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=q.device if on_device else "cpu")
+        link = getattr(self.opt, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 / bf16: point each parameter's fragments at the new state
+            link()
+
+    def set(self, p: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        with torch.no_grad():
+            p.data.copy_(values[""].to(p.device, p.dtype))  # the working copy (bf16 = round(master))
+            if hasattr(p, "_hp_mapping"):
+                safe_set_full_fp32_param(p, values[""].to(p.device))
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(p, values[k].to(p.device), k)
+            else:
+                for k in MOMENTS:
+                    self.base.state[p][k].copy_(values[k].to(p.device))
+
+
+def loss_scaler_state(engine) -> dict:
+    """fp16's dynamic loss scale (empty for a static scaler or none: nothing to carry)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    out = {}
+    if not getattr(scaler, "dynamic", False):
+        return out
+    for k in LOSS_SCALER_FIELDS:
+        v = getattr(scaler, k, None)
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, (int, float)):
+            out[k] = v
+    return out
+
+
+def set_loss_scaler_state(engine, state: dict | None) -> None:
+    """Continue fp16's dynamic loss scale where it was (only into a dynamic scaler)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):
+        for k, v in (state or {}).items():
+            setattr(scaler, k, v)
+
+
+def engine_counters(engine) -> dict[str, int]:
+    return {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS}
+
+
+def set_engine_counters(engine, counters: dict[str, int]) -> None:
+    for k, v in counters.items():
+        setattr(engine, k, v)
+
+
+def pipeline_module_class(parts: list[int]):
+    """A PipelineModule subclass that cuts its layers at `parts` (stage s owns layers parts[s] ..
+    parts[s+1]-1) instead of by one of DeepSpeed's built-in methods."""
+    from deepspeed.pipe import PipelineModule
+
+    class FixedPartitionPipelineModule(PipelineModule):
+        def _partition_layers(self, method="compute"):
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+    return FixedPartitionPipelineModule
+
+
+def check_internals(engine=None) -> None:
+    """Raise DeepSpeedChanged naming each internal above that this DeepSpeed lacks. With an
+    engine built under ZeRO-1/2 or bf16, also check its parameters carry `_hp_mapping` and its
+    optimizer the lazy-state hook."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    missing = [f"PipelineModule.{a}" for a in ("_partition_layers", "_set_bounds") if not hasattr(PipelineModule, a)]
+    if not hasattr(DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state"):
+        missing.append("DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state")
+    try:
+        scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                   consecutive_hysteresis=False)
+        missing += [f"DynamicLossScaler.{k}" for k in (*LOSS_SCALER_FIELDS, "dynamic") if not hasattr(scaler, k)]
+    except TypeError as e:
+        missing.append(f"DynamicLossScaler's constructor ({e})")
+    if engine is not None:
+        missing += [f"DeepSpeedEngine.{k}" for k in ENGINE_COUNTERS if not hasattr(engine, k)]
+        if type(engine.optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+            if not hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+                missing.append(f"{type(engine.optimizer).__name__}._lazy_init_hp_params_optimizer_state")
+            if not all(hasattr(p, "_hp_mapping") for p in engine.module.parameters()):
+                missing.append("parameter._hp_mapping (set by ZeRO-1/2 and bf16)")
+    if missing:
+        raise DeepSpeedChanged(
+            f"DeepSpeed {deepspeed.__version__} lacks internals this package was checked against in {CHECKED_WITH}: "
+            + ", ".join(missing) + "; see megatron_tokenformer/deepspeed_adapter.py")
