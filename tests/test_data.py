@@ -207,6 +207,89 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert result.stderr.startswith("error: no input files found") and "Traceback" not in result.stderr
 
 
+def prepare_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+# Binary content: NUL bytes and bytes that are not UTF-8.
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+
+
+def test_cli_directory_skips_other_formats(prepared, doc_corpus, tmp_path):
+    text = doc_corpus[1][0]
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "good.txt").write_text(text)
+    (src / "figure.png").write_bytes(PNG_BYTES)
+    (src / ".notes.json").write_text("{ not json")  # hidden: ignored, or this run would fail
+    tok = str(Path(prepared.path) / "tokenizer.model")
+    result = prepare_cli("--input", str(src), "--output", "out", "--tokenizer", tok, "--num-proc", "1",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("skipping")] == [
+        f"skipping {src / 'figure.png'}: not a .txt, .jsonl, .json or .parquet file"]
+    meta = load_meta(tmp_path / "out")
+    assert meta.num_documents == 1
+    assert load_tokenizer(meta).decode(all_tokens(meta)[:-1].tolist()) == text
+
+
+def test_cli_directory_names_unreadable_json(prepared, doc_corpus, tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "good.txt").write_text(doc_corpus[1][0])
+    (src / "figure.png").write_bytes(PNG_BYTES)
+    (src / "bench.json").write_text(json.dumps({"config": "configs/150M.yml", "steps": [1, 2]}, indent=1))
+    tok = str(Path(prepared.path) / "tokenizer.model")
+    result = prepare_cli("--input", str(src), "--output", "out", "--tokenizer", tok, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: '{src / 'bench.json'}' does not hold JSON records: expected one JSON object per line "
+        f"(JSON lines) or a JSON list of objects; leave it out of --input"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # nothing written
+
+
+def _write_parquet(path: Path, **columns) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize("name, write, problem", [
+    ("notes.txt", lambda f: f.write_bytes(PNG_BYTES), "is not text: it holds NUL bytes"),
+    ("latin1.txt", lambda f: f.write_bytes("café\n".encode("latin-1")), "is not UTF-8 text"),
+    ("list.json", lambda f: f.write_text('[{"body": "a"}]'), "its first record has no text field 'text' .*--text-key"),
+    ("strings.jsonl", lambda f: f.write_text('"a"\n"b"\n'), "does not hold JSON records"),
+    ("late.jsonl", lambda f: f.write_text('{"text": "a"}\n' * 3000 + '{"text": "b", "x": [\n'),
+     r"could not be read .*JSON parse error"),
+    ("fake.parquet", lambda f: f.write_text("text"), "is not a readable Parquet file"),
+    ("ids.parquet", lambda f: _write_parquet(f, text=[1, 2]), "column 'text' holds int64, not text"),
+])
+def test_unreadable_input_names_the_file(tmp_path, name, write, problem):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("A good document.\n")
+    write(src / name)
+    with pytest.raises(DataError, match=f"'{src / name}'.*{problem}") as e:
+        prepare(tmp_path / "out", [str(src)], vocab_size=VOCAB, num_proc=1, log=quiet)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_empty_json_files_hold_no_records(prepared, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.jsonl").write_text("")
+    (src / "empty_list.json").write_text("[]\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        prepare(tmp_path / "out", [str(src)], vocab_size=VOCAB, num_proc=1, log=quiet)
+    (src / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    meta = prepare(tmp_path / "out", [str(src)], tokenizer=Path(prepared.path) / "tokenizer.model", num_proc=1,
+                   log=quiet)
+    assert meta.num_documents == 2
+
+
 def test_default_corpus_cli(tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)

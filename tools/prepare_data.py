@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", nargs="+", metavar="PATH",
-                        help=".txt (one file = one document) / .jsonl / .json / .parquet files, directories or globs "
+                        help=".txt (one file = one document), .jsonl / .json (JSON records) or .parquet files, "
+                             "directories (other files in them are skipped) or globs "
                              "(default: the built-in Shakespeare corpus)")
     source.add_argument("--hf-dataset", metavar="NAME", help="Hugging Face Hub dataset name (needs network)")
     parser.add_argument("--hf-split", default="train")

