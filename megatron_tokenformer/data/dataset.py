@@ -47,6 +47,7 @@ class DatasetMeta:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes; the data package's one file-hash helper (prepare.py imports it)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

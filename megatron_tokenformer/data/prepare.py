@@ -10,6 +10,7 @@ run never leaves something that looks like a finished dataset.
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import hashlib
 import io
@@ -447,14 +448,16 @@ def _load_sentencepiece(path: Path, shown_as: str) -> spm.SentencePieceProcessor
     return sp
 
 
-_SP_CACHE: dict[str, spm.SentencePieceProcessor] = {}
+@functools.lru_cache(maxsize=2)
+def _sentencepiece(model_file: str) -> spm.SentencePieceProcessor:
+    # Per process on purpose: _tokenize runs in datasets' map worker processes, which get only
+    # picklable arguments (the file name), so each loads the model once and keeps it for all
+    # its batches instead of once per batch.
+    return spm.SentencePieceProcessor(model_file=model_file)
 
 
 def _tokenize(batch: dict, model_file: str, eod_id: int) -> dict:
-    # Runs in datasets worker processes: load the model once per process.
-    sp = _SP_CACHE.get(model_file)
-    if sp is None:
-        sp = _SP_CACHE[model_file] = spm.SentencePieceProcessor(model_file=model_file)
+    sp = _sentencepiece(model_file)
     return {"ids": [np.array(ids + [eod_id], dtype=np.int32) for ids in sp.encode(batch["text"])]}
 
 
