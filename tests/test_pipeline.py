@@ -83,8 +83,8 @@ def test_pipeline_matches_single_rank(corpus, tmp_path, pp1_losses, tensor, pipe
     out = launch(DEEP + [f"data.path={corpus}", f"log.dir={tmp_path}", f"parallel.tensor={tensor}",
                          f"parallel.pipeline={pipeline}", *extra], nproc=nproc)
     text = out.stdout + out.stderr
-    # The run reports the compute-balanced cut (which stage_modules_hold_the_compute_balanced_partition
-    # checks on real stage modules).
+    # The run reports the compute-balanced cut (test_stage_modules_hold_the_compute_balanced_partition
+    # checks that the stage modules are built that way).
     cfg = load_config("configs/tiny.yml", DEEP + [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"])
     costs = layer_costs(cfg.model, padded_vocab_size(cfg, load_meta(corpus).vocab_size))
     assert describe_partition(partition(costs, pipeline), costs, cfg.model.num_layers) in text, text[-3000:]
@@ -140,7 +140,7 @@ def _stages_hold_their_partition(rank, world, cases):
             got, want = layer.state_dict(), ref_layers[i].state_dict()
             assert got.keys() == want.keys(), (name, i, got.keys(), want.keys())
             for k, v in want.items():  # tensors, and Pattention's extra state (its tau)
-                same = torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v
+                same = torch.equal(got[k].cpu(), v) if isinstance(v, torch.Tensor) else got[k] == v
                 assert same, (name, rank, i, k)
 
 
