@@ -1,27 +1,60 @@
 """End-to-end pretraining on real text with real DeepSpeed engines and gloo process groups."""
 import json
 import math
+import time
 
 import pytest
+import torch
 
 from helpers import SMALL, launch, losses, metrics
+from megatron_tokenformer.config import load_config, padded_vocab_size
+from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
+
+try:
+    from megatron_tokenformer.engine import lr_lambda
+except ImportError:
+    from megatron_tokenformer.training import lr_lambda
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history
 
 
 def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
     run = tmp_path / "run"
-    launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=60", "train.lr=3e-3",
-                    "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
-                    "log.wandb_mode=offline", "log.wandb_project=tests"], launcher="python")
+    overrides = SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=60", "train.lr=3e-3",
+                         "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
+                         "log.wandb_mode=offline", "log.wandb_project=tests"]
+    started = time.perf_counter()
+    launch(overrides, launcher="python")
+    wall = time.perf_counter() - started
+    cfg = load_config("configs/tiny.yml", overrides)
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
     assert rows[-1]["valid_ppl"] == pytest.approx(math.exp(valid[1]))
+
+    # Every logged value is what it must be.
+    schedule = lr_lambda(cfg)  # multiplier of train.lr after k optimizer steps
+    vocab = json.loads((run / "checkpoints" / "step_00000060" / "meta.json").read_text())["vocab_size"]
+    flops_per_token = model_flops_per_token(cfg.model, vocab)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     for r in rows:
-        assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
+        assert r["samples"] == r["step"] * cfg.train.global_batch_size, r
+        # the lr the step ran with: the schedule after step - 1 optimizer steps
+        assert r["lr"] == pytest.approx(cfg.train.lr * schedule(r["step"] - 1), rel=1e-12), r
+        # the gradient norm before clipping (train.grad_clip=1.0): finite and positive, not capped
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, r
+        # throughput: model FLOPs are tokens times the model's training FLOPs per token
+        assert r["tokens_per_sec"] > 0 and math.isfinite(r["tokens_per_sec"]), r
+        assert r["tflops"] == pytest.approx(r["tokens_per_sec"] * flops_per_token / 1e12, rel=1e-9), r
+        assert r["skipped_steps"] == 0 and r["loss_avg"] > 0, r
+    assert rows[0]["lr"] == pytest.approx(cfg.train.lr)  # step 5 ran at the end of the 5-step warmup
+    assert rows[-1]["lr"] < rows[1]["lr"]  # then the cosine decay
+    # The training time the rates imply (tokens of each 5-step window / its rate) fits in the run's
+    # wall time (true at any speed: the windows are timed inside the process).
+    implied = sum(tokens_per_step * cfg.log.interval / r["tokens_per_sec"] for r in rows)
+    assert implied < wall, (implied, wall)
     assert rows[-1]["samples"] == 60 * 8
 
     # W&B (offline) holds the same history and the resolved config with the git revision.
@@ -44,10 +77,38 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dp1_losses(corpus, tmp_path_factory):
+def dp1_run(corpus, tmp_path_factory):
+    """5 steps of SMALL on one rank, fp32 (every step logged)."""
     run = tmp_path_factory.mktemp("dp1")
     launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=5"], nproc=1)
-    return losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def dp1_losses(dp1_run):
+    return losses(dp1_run)
+
+
+def test_first_step_logs_the_loss_and_unclipped_grad_norm_of_its_batch(corpus, dp1_run):
+    """Step 1 recomputed in this process (same seed, same first global batch, 2 micro-batches
+    averaged): the run logged its loss and its global gradient norm before clipping."""
+    from megatron_tokenformer.data import SampleSet, TrainBatches, load_meta
+
+    cfg = load_config("configs/tiny.yml", SMALL + [f"data.path={corpus}", "train.steps=5"])
+    t = cfg.train
+    meta = load_meta(corpus)
+    model = TokenFormerModel(cfg.model, padded_vocab_size(cfg, meta.vocab_size), seed=t.seed)
+    samples = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
+    micros = TrainBatches(samples, t.seed, t.global_batch_size, t.micro_batch_size, 0, 1).next_step()
+    loss = sum(model(m[:, :-1], m[:, 1:]) for m in micros) / len(micros)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    first = metrics(dp1_run)[0]
+    assert first["step"] == 1 and first["samples"] == t.global_batch_size
+    assert first["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # (the norm here is about 1.5, above train.grad_clip=1.0: a clipped norm would read 1.0)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-4), (first, norm, t.grad_clip)
+    assert first["lr"] == pytest.approx(t.lr * lr_lambda(cfg)(0), rel=1e-12)
 
 
 @pytest.mark.parametrize("zero_stage, launcher", [(1, "torchrun"), (2, "deepspeed")])
