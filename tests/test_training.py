@@ -150,13 +150,6 @@ def test_exact_resume(corpus, tmp_path):
         assert (ra["loss"], ra["lr"], ra["grad_norm"], ra["samples"]) == (rb["loss"], rb["lr"], rb["grad_norm"], rb["samples"])
 
 
-def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
-    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
-    bf16 = losses(tmp_path)
-    for step, loss in bf16.items():
-        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
-
-
 @pytest.mark.parametrize("overrides, words", [
     (["data.path=/nonexistent/corpus"], ["data.path", "prepare_data.py"]),
     (["model.vocab_size=256"], ["model.vocab_size=256", "512"]),
@@ -182,9 +175,61 @@ def test_compiled_training_matches_eager(corpus, tmp_path, dp1_losses):
         assert got[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, got, dp1_losses)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU accelerator has no fp16")
-def test_fp16_on_cpu_is_a_clear_error(corpus, tmp_path):
+def _accelerator_support(precision: str) -> tuple[bool, str]:
+    """Whether DeepSpeed's accelerator supports `precision` (the check training makes before it
+    builds anything), and what decides it, in words for skip reasons."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = bool(acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported())
+    if acc.device_name() == "cpu" and precision == "fp16":
+        has = "has" if supported else "lacks"
+        return supported, (f"this CPU {has} avx512_fp16/AMX-FP16 (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
+                           f"is {supported}), which DeepSpeed's CPU accelerator asks for fp16")
+    return supported, f"DeepSpeed's {acc.device_name()} accelerator reports {precision} supported={supported}"
+
+
+FP16, FP16_WHY = _accelerator_support("fp16")
+BF16, BF16_WHY = _accelerator_support("bf16")
+
+
+@pytest.mark.skipif(not BF16, reason=BF16_WHY)
+def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
+    bf16 = losses(tmp_path)
+    assert bf16.keys() == dp1_losses.keys()
+    for step, loss in bf16.items():
+        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
+
+
+@pytest.mark.skipif(FP16, reason=f"{FP16_WHY}: test_fp16_trains_close_to_fp32_and_resumes runs instead")
+def test_fp16_unsupported_is_a_clear_error(corpus, tmp_path):
+    """Where the accelerator has no fp16 (a CPU without avx512_fp16/AMX-FP16), the run refuses
+    train.precision=fp16 in one line before building anything."""
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16"], launcher="python",
                   check=False)
-    assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr
+    assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not FP16, reason=f"{FP16_WHY}: test_fp16_unsupported_is_a_clear_error runs instead")
+def test_fp16_trains_close_to_fp32_and_resumes(corpus, tmp_path, dp1_losses):
+    """Where the accelerator has fp16 (e.g. a Xeon with avx512_fp16/AMX), fp16 with dynamic loss
+    scaling trains like fp32 (5 steps, 3 then resumed to 5), and the loss scaler's state is carried
+    across the resume."""
+    common = SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16", "parallel.zero_stage=1",
+                      "train.decay_steps=5"]  # the 5-step schedule of dp1_losses, in both launches
+    launch(common + ["train.steps=3"], launcher="python")
+    out = launch(common + ["train.steps=5"], launcher="python")
+    assert "resumed from" in out.stdout + out.stderr
+    fp16 = losses(tmp_path)
+    assert fp16.keys() == dp1_losses.keys() == {1, 2, 3, 4, 5}
+    for step, loss in fp16.items():
+        assert loss == pytest.approx(dp1_losses[step], abs=0.05), (step, fp16, dp1_losses)
+    assert all(r["skipped_steps"] == 0 for r in metrics(tmp_path))
+    # fp16's dynamic loss scaler ran (an fp32 run saves none) and counted on from the checkpoint.
+    scaler = {s: json.loads((tmp_path / "checkpoints" / f"step_0000000{s}" / "meta.json").read_text())["loss_scaler"]
+              for s in (3, 5)}
+    assert scaler[3]["cur_iter"] == 3 and scaler[5]["cur_iter"] == 5, scaler
+    assert scaler[5]["cur_scale"] > 0
