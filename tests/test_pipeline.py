@@ -1,11 +1,15 @@
 """Pipeline parallelism: the compute-balanced partitioner and training parity on gloo."""
 import itertools
+import os
 
 import pytest
+import torch
 
+from dist_utils import run_on_ranks
 from helpers import launch, losses, metrics
-from megatron_tokenformer.config import ConfigError, load_config
-from megatron_tokenformer.pipeline import layer_costs, partition
+from megatron_tokenformer.config import ConfigError, load_config, padded_vocab_size
+from megatron_tokenformer.data import load_meta
+from megatron_tokenformer.pipeline import describe_partition, layer_costs, partition
 
 CONFIGS = ["150M", "450M", "900M", "1.5B", "354M", "757M"]
 
@@ -79,13 +83,24 @@ def test_pipeline_matches_single_rank(corpus, tmp_path, pp1_losses, tensor, pipe
     out = launch(DEEP + [f"data.path={corpus}", f"log.dir={tmp_path}", f"parallel.tensor={tensor}",
                          f"parallel.pipeline={pipeline}", *extra], nproc=nproc)
     text = out.stdout + out.stderr
-    assert "pipeline partition by estimated compute" in text and f"stage {pipeline - 1}:" in text
+    # The run reports the compute-balanced cut (test_stage_modules_hold_the_compute_balanced_partition
+    # checks that the stage modules are built that way).
+    cfg = load_config("configs/tiny.yml", DEEP + [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"])
+    costs = layer_costs(cfg.model, padded_vocab_size(cfg, load_meta(corpus).vocab_size))
+    assert describe_partition(partition(costs, pipeline), costs, cfg.model.num_layers) in text, text[-3000:]
     got = losses(tmp_path)
     for step in pp1_losses:
         assert got[step] == pytest.approx(pp1_losses[step], rel=1e-5, abs=1e-5), (step, got, pp1_losses)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def _bf16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_bf16_supported())
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not _bf16_supported(), reason="DeepSpeed's accelerator reports no bf16 (training would refuse it)"))])
 def test_pipeline_exact_resume(corpus, tmp_path, precision):
     common = DEEP + [f"data.path={corpus}", "parallel.pipeline=2", "train.decay_steps=6",
                      f"train.precision={precision}"]
@@ -96,3 +111,56 @@ def test_pipeline_exact_resume(corpus, tmp_path, precision):
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in b]
+
+
+def _stage_layers(module, num_layers: int) -> dict[int, torch.nn.Module]:
+    """The layers a DeepSpeed PipelineModule built on this rank, by index in
+    [embedding, block x L, final norm, tied head] (the tied embedding and head share one module)."""
+    held = {int(name): m for name, m in module.named_children() if name.isdigit()}
+    for i in (0, num_layers + 2):
+        if module._local_start <= i < module._local_stop:
+            held[i] = module.tied_modules["embed"]
+    return held
+
+
+def _stages_hold_their_partition(rank, world, cases):
+    import deepspeed
+
+    from megatron_tokenformer.distributed import Grid, ParallelState
+    from megatron_tokenformer.model import TokenFormerModel
+    from megatron_tokenformer.pipeline import build_pipeline
+
+    os.environ["LOCAL_RANK"] = "0"  # PipelineModule reads it (CPU: one device for all)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # joins the gloo group run_on_ranks made
+    ps = ParallelState.build(Grid(rank, world, tensor=1, pipeline=world))
+    for name, overrides, vocab in cases:
+        cfg = load_config("configs/tiny.yml", overrides + [f"parallel.pipeline={world}"])
+        m, L = cfg.model, cfg.model.num_layers
+        parts = partition(layer_costs(m, vocab), world)
+        module, _ = build_pipeline(cfg, vocab, ps)
+        held = _stage_layers(module, L)
+        assert sorted(held) == list(range(parts[rank], parts[rank + 1])), (name, rank, sorted(held), parts)
+        # ... and they are the single-process model's layers, initialised alike.
+        ref = TokenFormerModel(m, vocab, seed=cfg.train.seed)
+        ref_layers = [ref.embed, *ref.blocks, ref.final_norm, ref.embed]
+        for i, layer in held.items():
+            got, want = layer.state_dict(), ref_layers[i].state_dict()
+            assert got.keys() == want.keys(), (name, i, got.keys(), want.keys())
+            for k, v in want.items():  # tensors, and Pattention's extra state (its tau)
+                same = torch.equal(got[k].cpu(), v) if isinstance(v, torch.Tensor) else got[k] == v
+                assert same, (name, rank, i, k)
+
+
+def test_stage_modules_hold_the_compute_balanced_partition():
+    """Two gloo ranks build the real pipeline module: each stage holds exactly the layers that
+    partition(layer_costs(...)) gives it, with the single-process model's initial values. Shapes:
+    the DEEP model of the parity runs, and one whose vocab head outweighs several blocks (where a
+    split by layer count, DeepSpeed's default, would cut elsewhere)."""
+    from deepspeed.runtime.utils import partition_uniform
+
+    heavy_head = ("heavy head", DEEP + ["model.vocab_size=8192"], 8192)
+    cases = [("DEEP", DEEP, 512), heavy_head]
+    cfg = load_config("configs/tiny.yml", heavy_head[1])
+    costs = layer_costs(cfg.model, heavy_head[2])
+    assert partition(costs, 2) != partition_uniform(len(costs), 2), "the heavy-head case would not tell the splits apart"
+    run_on_ranks(2, _stages_hold_their_partition, cases)

@@ -1,27 +1,60 @@
 """End-to-end pretraining on real text with real DeepSpeed engines and gloo process groups."""
 import json
 import math
+import time
 
 import pytest
+import torch
 
 from helpers import SMALL, launch, losses, metrics
+from megatron_tokenformer.config import load_config, padded_vocab_size
+from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
+
+try:
+    from megatron_tokenformer.engine import lr_lambda
+except ImportError:
+    from megatron_tokenformer.training import lr_lambda
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history
 
 
 def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
     run = tmp_path / "run"
-    launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=60", "train.lr=3e-3",
-                    "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
-                    "log.wandb_mode=offline", "log.wandb_project=tests"], launcher="python")
+    overrides = SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=60", "train.lr=3e-3",
+                         "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
+                         "log.wandb_mode=offline", "log.wandb_project=tests"]
+    started = time.perf_counter()
+    launch(overrides, launcher="python")
+    wall = time.perf_counter() - started
+    cfg = load_config("configs/tiny.yml", overrides)
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
     assert rows[-1]["valid_ppl"] == pytest.approx(math.exp(valid[1]))
+
+    # Every logged value is what it must be.
+    schedule = lr_lambda(cfg)  # multiplier of train.lr after k optimizer steps
+    vocab = json.loads((run / "checkpoints" / "step_00000060" / "meta.json").read_text())["vocab_size"]
+    flops_per_token = model_flops_per_token(cfg.model, vocab)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     for r in rows:
-        assert r["tokens_per_sec"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0
+        assert r["samples"] == r["step"] * cfg.train.global_batch_size, r
+        # the lr the step ran with: the schedule after step - 1 optimizer steps
+        assert r["lr"] == pytest.approx(cfg.train.lr * schedule(r["step"] - 1), rel=1e-12), r
+        # the gradient norm before clipping (train.grad_clip=1.0): finite and positive, not capped
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, r
+        # throughput: model FLOPs are tokens times the model's training FLOPs per token
+        assert r["tokens_per_sec"] > 0 and math.isfinite(r["tokens_per_sec"]), r
+        assert r["tflops"] == pytest.approx(r["tokens_per_sec"] * flops_per_token / 1e12, rel=1e-9), r
+        assert r["skipped_steps"] == 0 and r["loss_avg"] > 0, r
+    assert rows[0]["lr"] == pytest.approx(cfg.train.lr)  # step 5 ran at the end of the 5-step warmup
+    assert rows[-1]["lr"] < rows[1]["lr"]  # then the cosine decay
+    # The training time the rates imply (tokens of each 5-step window / its rate) fits in the run's
+    # wall time (true at any speed: the windows are timed inside the process).
+    implied = sum(tokens_per_step * cfg.log.interval / r["tokens_per_sec"] for r in rows)
+    assert implied < wall, (implied, wall)
     assert rows[-1]["samples"] == 60 * 8
 
     # W&B (offline) holds the same history and the resolved config with the git revision.
@@ -44,10 +77,38 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dp1_losses(corpus, tmp_path_factory):
+def dp1_run(corpus, tmp_path_factory):
+    """5 steps of SMALL on one rank, fp32 (every step logged)."""
     run = tmp_path_factory.mktemp("dp1")
     launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=5"], nproc=1)
-    return losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def dp1_losses(dp1_run):
+    return losses(dp1_run)
+
+
+def test_first_step_logs_the_loss_and_unclipped_grad_norm_of_its_batch(corpus, dp1_run):
+    """Step 1 recomputed in this process (same seed, same first global batch, 2 micro-batches
+    averaged): the run logged its loss and its global gradient norm before clipping."""
+    from megatron_tokenformer.data import SampleSet, TrainBatches, load_meta
+
+    cfg = load_config("configs/tiny.yml", SMALL + [f"data.path={corpus}", "train.steps=5"])
+    t = cfg.train
+    meta = load_meta(corpus)
+    model = TokenFormerModel(cfg.model, padded_vocab_size(cfg, meta.vocab_size), seed=t.seed)
+    samples = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)
+    micros = TrainBatches(samples, t.seed, t.global_batch_size, t.micro_batch_size, 0, 1).next_step()
+    loss = sum(model(m[:, :-1], m[:, 1:]) for m in micros) / len(micros)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    first = metrics(dp1_run)[0]
+    assert first["step"] == 1 and first["samples"] == t.global_batch_size
+    assert first["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # (the norm here is about 1.5, above train.grad_clip=1.0: a clipped norm would read 1.0)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-4), (first, norm, t.grad_clip)
+    assert first["lr"] == pytest.approx(t.lr * lr_lambda(cfg)(0), rel=1e-12)
 
 
 @pytest.mark.parametrize("zero_stage, launcher", [(1, "torchrun"), (2, "deepspeed")])
@@ -89,13 +150,6 @@ def test_exact_resume(corpus, tmp_path):
         assert (ra["loss"], ra["lr"], ra["grad_norm"], ra["samples"]) == (rb["loss"], rb["lr"], rb["grad_norm"], rb["samples"])
 
 
-def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
-    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
-    bf16 = losses(tmp_path)
-    for step, loss in bf16.items():
-        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
-
-
 @pytest.mark.parametrize("overrides, words", [
     (["data.path=/nonexistent/corpus"], ["data.path", "prepare_data.py"]),
     (["model.vocab_size=256"], ["model.vocab_size=256", "512"]),
@@ -121,9 +175,61 @@ def test_compiled_training_matches_eager(corpus, tmp_path, dp1_losses):
         assert got[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, got, dp1_losses)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU accelerator has no fp16")
-def test_fp16_on_cpu_is_a_clear_error(corpus, tmp_path):
+def _accelerator_support(precision: str) -> tuple[bool, str]:
+    """Whether DeepSpeed's accelerator supports `precision` (the check training makes before it
+    builds anything), and what decides it, in words for skip reasons."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = bool(acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported())
+    if acc.device_name() == "cpu" and precision == "fp16":
+        has = "has" if supported else "lacks"
+        return supported, (f"this CPU {has} avx512_fp16/AMX-FP16 (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
+                           f"is {supported}), which DeepSpeed's CPU accelerator asks for fp16")
+    return supported, f"DeepSpeed's {acc.device_name()} accelerator reports {precision} supported={supported}"
+
+
+FP16, FP16_WHY = _accelerator_support("fp16")
+BF16, BF16_WHY = _accelerator_support("bf16")
+
+
+@pytest.mark.skipif(not BF16, reason=BF16_WHY)
+def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
+    launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
+    bf16 = losses(tmp_path)
+    assert bf16.keys() == dp1_losses.keys()
+    for step, loss in bf16.items():
+        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
+
+
+@pytest.mark.skipif(FP16, reason=f"{FP16_WHY}: test_fp16_trains_close_to_fp32_and_resumes runs instead")
+def test_fp16_unsupported_is_a_clear_error(corpus, tmp_path):
+    """Where the accelerator has no fp16 (a CPU without avx512_fp16/AMX-FP16), the run refuses
+    train.precision=fp16 in one line before building anything."""
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16"], launcher="python",
                   check=False)
-    assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr
+    assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not FP16, reason=f"{FP16_WHY}: test_fp16_unsupported_is_a_clear_error runs instead")
+def test_fp16_trains_close_to_fp32_and_resumes(corpus, tmp_path, dp1_losses):
+    """Where the accelerator has fp16 (e.g. a Xeon with avx512_fp16/AMX), fp16 with dynamic loss
+    scaling trains like fp32 (5 steps, 3 then resumed to 5), and the loss scaler's state is carried
+    across the resume."""
+    common = SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16", "parallel.zero_stage=1",
+                      "train.decay_steps=5"]  # the 5-step schedule of dp1_losses, in both launches
+    launch(common + ["train.steps=3"], launcher="python")
+    out = launch(common + ["train.steps=5"], launcher="python")
+    assert "resumed from" in out.stdout + out.stderr
+    fp16 = losses(tmp_path)
+    assert fp16.keys() == dp1_losses.keys() == {1, 2, 3, 4, 5}
+    for step, loss in fp16.items():
+        assert loss == pytest.approx(dp1_losses[step], abs=0.05), (step, fp16, dp1_losses)
+    assert all(r["skipped_steps"] == 0 for r in metrics(tmp_path))
+    # fp16's dynamic loss scaler ran (an fp32 run saves none) and counted on from the checkpoint.
+    scaler = {s: json.loads((tmp_path / "checkpoints" / f"step_0000000{s}" / "meta.json").read_text())["loss_scaler"]
+              for s in (3, 5)}
+    assert scaler[3]["cur_iter"] == 3 and scaler[5]["cur_iter"] == 5, scaler
+    assert scaler[5]["cur_scale"] > 0
