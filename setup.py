@@ -19,5 +19,6 @@ setup(
         "tqdm",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "experiments": ["matplotlib"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "experiments": ["matplotlib"],
+                    "data": ["zstandard"]},  # the Pile's .jsonl.zst files
 )

@@ -392,6 +392,13 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def _valid_heads(m: ModelConfig, tensor: int) -> list[int]:
+    """Head counts (up to 128) that every check below accepts: they divide the width and the
+    tensor size divides them, and give an even number of rotary dims per head."""
+    return [h for h in range(1, min(m.hidden_size, 128) + 1)
+            if m.hidden_size % h == 0 and h % tensor == 0 and int(m.hidden_size // h * m.rotary_pct) % 2 == 0]
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Refuse impossible settings before any work. With world_size, also check the layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -404,7 +411,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
     need(m.hidden_size % m.num_heads == 0,
          f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-         f"pick num_heads among {[h for h in range(1, min(m.hidden_size, 128) + 1) if m.hidden_size % h == 0]}")
+         f"pick num_heads among {_valid_heads(m, cfg.parallel.tensor)}")
     head_dim = m.hidden_size // m.num_heads
     rot = int(head_dim * m.rotary_pct)
     need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct={m.rotary_pct} must be within [0, 1]")

@@ -42,7 +42,10 @@ class OptimizerState:
     def __init__(self, engine):
         self.opt = engine.optimizer
         self.base = getattr(self.opt, "optimizer", self.opt)  # the torch optimizer holding the state
-        self.have_state = any(self.base.state.values())  # torch creates it at the first step
+
+    @property
+    def have_state(self) -> bool:
+        return any(self.base.state.values())  # torch creates it at the first step (or prepare() does)
 
     def step(self) -> int:
         for st in self.base.state.values():

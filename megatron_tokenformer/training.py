@@ -60,7 +60,7 @@ class Trainer:
         self.dev = D.device()
         self.steps = step_functions(cfg)
 
-        self.data = load_meta(cfg.data.path, verify=cfg.data.verify_checksums)
+        self.data = load_meta(cfg.data.path, verify=cfg.data.verify_checksums, recipe=cfg.data.prepare)
         train_set = SampleSet(self.data, cfg.model.seq_length, "train", cfg.data.valid_fraction)
         self.valid_set = SampleSet(self.data, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
         # The checkpoint to resume (rank 0 verifies the manifests), checked before anything is built.

@@ -11,6 +11,7 @@ from megatron_tokenformer.distributed import free_port
 
 def _worker(rank, world, port, fn, args, errors):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine asks for it (CPU: one device for all ranks)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -24,13 +24,12 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,  # noqa: E402
+from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,
                                        load_meta, load_tokenizer, prepare, valid_batches)
-from megatron_tokenformer.config import load_config  # noqa: E402
-from megatron_tokenformer.data.prepare import load_local, train_tokenizer  # noqa: E402
+from megatron_tokenformer.config import load_config
+from megatron_tokenformer.data.prepare import load_local, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
 
 VOCAB = 512
 DOC_MODULES = ["argparse", "textwrap", "json", "collections", "functools", "itertools", "subprocess",
@@ -308,10 +307,8 @@ def test_default_corpus_cli(tmp_path):
     # Documents are the raw files in sorted order; check one round trip.
     tokens = TokenStream(meta).read(0, int(np.load(root / "doc_index.npy")[0]))
     assert load_tokenizer(meta).decode(tokens[:-1].tolist()) == raw[0].read_text()
-    start = time.monotonic()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0 and "already prepared" in again.stdout
-    assert time.monotonic() - start < 20
     assert "downloading" not in again.stdout
 
 

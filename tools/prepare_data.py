@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_tokenformer.data.dataset import DataError  # noqa: E402
-from megatron_tokenformer.data.prepare import (DEFAULT_OUTPUT, DEFAULT_SHARD_SIZE,  # noqa: E402
+from megatron_tokenformer.data.dataset import DataError
+from megatron_tokenformer.data.prepare import (DEFAULT_OUTPUT, DEFAULT_SHARD_SIZE,
                                                DEFAULT_VOCAB_SIZE, default_num_proc, prepare,
                                                prepare_default)
 

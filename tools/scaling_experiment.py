@@ -92,7 +92,7 @@ def main() -> int:
            common + [f"model.{k}={v}" for k, v in sizes[0].items()] + [f"train.steps={grown_steps}",
                                                                           "growth=" + json.dumps(growth)])
 
-    vocab = padded_vocab_size(cfg, load_meta(cfg.data.path).vocab_size)
+    vocab = padded_vocab_size(cfg, load_meta(cfg.data.path, recipe=cfg.data.prepare).vocab_size)
     scratch = _curve(out / "scratch", [(0, sizes[-1])], cfg, vocab)
     grown = _curve(out / "grown", list(zip(at, sizes)), cfg, vocab)
     target = scratch[-1][2]

@@ -15,8 +15,7 @@ Layout of `checkpoint.dir`:
     latest                    name of the newest complete checkpoint (informational; resume scans)
 
 Nothing in a checkpoint depends on the data-parallel size, the ZeRO stage or the pipeline cut:
-a parameter's shard is re-sliced from the tensor shards on load (DESIGN.md section 3, "Checkpoints
-at any layout"), so a run saved at (tensor a, pipeline b, data c, ZeRO z) resumes at any other
+a parameter's shard is re-sliced from the tensor shards on load (docs/DESIGN.md section 7), so a run saved at (tensor a, pipeline b, data c, ZeRO z) resumes at any other
 layout with its weights, Adam moments, step, LR schedule and data position. At the same layout it
 continues bit-exactly.
 

@@ -7,7 +7,6 @@ The on-disk contract (written by ``prepare.py``): a directory holding
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -18,6 +17,9 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from ..errors import UserError
+from ..fileio import sha256_file  # noqa: F401 - prepare.py imports it from here too
+
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -26,7 +28,7 @@ DEFAULT_PATH = "data/shakespeare"  # where `python tools/prepare_data.py` puts t
 PREPARE_HINT = "python tools/prepare_data.py"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem the user can fix (missing, corrupt, too small, bad input)."""
 
 
@@ -46,12 +48,6 @@ class DatasetMeta:
     def to_json(self) -> dict:
         # `path` is where the dataset lives now, not part of its content.
         return {k: v for k, v in self.__dict__.items() if k != "path"}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes; the data package's one file-hash helper (prepare.py imports it)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def prepare_command(path: str | Path) -> str:

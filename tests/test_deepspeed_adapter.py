@@ -1,0 +1,59 @@
+"""The DeepSpeed internals this package relies on (megatron_tokenformer/deepspeed_adapter.py) are
+there and behave as the adapter assumes, on real engines: a DeepSpeed upgrade that moves them
+fails here, by name, before it corrupts a checkpoint. (The pipeline cut through
+`PipelineModule._partition_layers` is checked in test_pipeline.py.)"""
+import pytest
+import torch
+
+from dist_utils import run_on_ranks
+
+SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.qkv_tokens=16",
+         "model.proj_tokens=16", "model.ffn_tokens=32", "model.seq_length=16", "train.micro_batch_size=2",
+         "train.global_batch_size=4"]
+
+
+def _engine(world, rank, overrides):
+    import deepspeed
+
+    from megatron_tokenformer.config import load_config
+    from megatron_tokenformer.distributed import Grid, ParallelState
+    from megatron_tokenformer.engine import build_engine
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # adopts the test's process group
+    cfg = load_config("configs/tiny.yml", SMALL + overrides)
+    ps = ParallelState.build(Grid(rank, world, cfg.parallel.tensor, cfg.parallel.pipeline))
+    return build_engine(cfg, 64, ps, (0, 10))[0], cfg
+
+
+def _check_engine(rank, world, overrides):
+    from megatron_tokenformer.deepspeed_adapter import OptimizerState, check_internals, engine_counters
+
+    engine, _ = _engine(world, rank, overrides)
+    check_internals(engine)
+    assert set(engine_counters(engine)) == {"global_steps", "global_samples", "skipped_steps"}
+    opt = OptimizerState(engine)
+    opt.prepare(step=3)  # the Adam state torch would create at the first step, linked into ZeRO's partitions
+    assert opt.step() == 3
+    gen = torch.Generator().manual_seed(0)  # every rank passes the same full tensors, as a load does
+    for p in engine.module.parameters():
+        got = opt.get(p)
+        assert torch.equal(got["exp_avg"], torch.zeros_like(got[""]))
+        assert torch.allclose(got[""].to(p.dtype), p.detach().cpu())  # the master is the working copy's source
+        new = {k: torch.randn(p.shape, generator=gen) for k in ("", "exp_avg", "exp_avg_sq")}
+        new["exp_avg_sq"] = new["exp_avg_sq"].abs()
+        opt.set(p, new)
+        back = opt.get(p)
+        for k in new:  # the fp32 master and both moments round-trip exactly, whatever the working dtype
+            assert torch.equal(back[k], new[k]), k
+
+
+@pytest.mark.parametrize("overrides", [["parallel.zero_stage=0"], ["parallel.zero_stage=1"],
+                                       ["parallel.zero_stage=2"], ["parallel.zero_stage=1", "train.precision=bf16"]])
+def test_optimizer_state_round_trip(overrides):
+    run_on_ranks(2, _check_engine, overrides)
+
+
+def test_internals_are_present_without_an_engine():
+    from megatron_tokenformer.deepspeed_adapter import check_internals
+
+    check_internals()
