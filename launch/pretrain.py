@@ -3,9 +3,17 @@
 Also runs under `torchrun --nproc_per_node N` and as plain `python` (one process).
 """
 import argparse
+import os
 import sys
 
-from megatron_tokenformer.cli import run
+import torch
+
+# Name the accelerator for DeepSpeed on a machine without a GPU, or it probes, guesses "cpu" and
+# warns so on every import (three lines per rank).
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+from megatron_tokenformer.cli import run  # noqa: E402
 
 
 def main() -> None:

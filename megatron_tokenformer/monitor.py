@@ -78,10 +78,8 @@ class Monitor:
         else:
             print(text, flush=True)
 
-    def summary(self, s: dict) -> None:
+    def _summary(self, s: dict) -> None:
         """The end-of-run lines: where the run got to, how fast, where its outputs are."""
-        if not self.active:
-            return
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         lines = [f"done: step {s['step']} ({s['steps_run']} steps in {s['seconds'] / 60:.1f} min, "
                  f"{fmt(s['tokens_per_sec'], ',.0f')} tokens/s overall)",
@@ -90,20 +88,25 @@ class Monitor:
                  f"  checkpoint: {s['checkpoint'] or 'none'}", f"  metrics:    {s['metrics']}"]
         if s.get("wandb"):
             lines.append(f"  W&B run:    {s['wandb']}")
-        self.message("\n".join(lines))
+        print("\n".join(lines), flush=True)
 
     def wandb_dir(self) -> str | None:
         """Where the W&B run is: its URL online, its directory offline (upload with `wandb sync`)."""
         run = self.wandb_run
         if run is None:
             return None
-        return run.url if getattr(run, "url", None) else f"{run.dir.removesuffix('/files')} (wandb sync to upload)"
+        return f"{run.dir.removesuffix('/files')} (upload: wandb sync)" if run.offline else run.url
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Close the progress bar, print the run's summary (if given) below it, finish W&B."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if summary is not None and self.active:
+            self._summary({**summary, "wandb": self.wandb_dir()})
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def _start_wandb(cfg: Config, run_info: dict):
@@ -115,6 +118,9 @@ def _start_wandb(cfg: Config, run_info: dict):
     try:
         return wandb.init(project=cfg.log.wandb_project, name=cfg.log.run_name, mode=cfg.log.wandb_mode,
                           dir=str(cfg.run_dir), resume="allow", id=run_info.get("wandb_id"),
+                          # W&B's own console lines would interleave with the progress bar; the
+                          # run's summary names where the W&B run is.
+                          settings=wandb.Settings(silent=True),
                           config={**cfg.to_dict(), "run_info": run_info, "lineage": run_info.get("lineage", [])})
     except Exception as e:  # wandb raises many types; the user needs the reason and the knob
         raise MonitorError(f"could not start W&B (log.wandb_mode={cfg.log.wandb_mode}): {e}. "

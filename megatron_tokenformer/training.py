@@ -108,6 +108,11 @@ class Trainer:
             say("grown from: " + "; ".join(f"{e['parent_name']} ({e['parent_run']}) at step {e['step']}, "
                                            f"{e['params_before']} -> {e['params_after']} parameters"
                                            for e in self.growth.lineage))
+        unused = self.vocab - self.data.vocab_size
+        if unused > max(128, self.vocab // 8):  # more than padding: a vocab set for another tokenizer
+            say(f"the model has {self.vocab} embedding rows, the tokenizer of data.path={cfg.data.path} "
+                f"{self.data.vocab_size} tokens: {unused} rows stay unused (the first loss is near "
+                f"ln({self.vocab})={math.log(self.vocab):.1f}, not ln({self.data.vocab_size}))")
         if partition_text:
             say(partition_text)
         if self.step >= cfg.train.steps:
@@ -208,8 +213,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Close the monitor after a summary of the run; returns the last logged metrics."""
-        self.monitor.summary(self.summary())
-        self.monitor.close()
+        self.monitor.close(summary=self.summary())
         return self.last
 
     def summary(self) -> dict:
@@ -221,8 +225,7 @@ class Trainer:
                 "loss": self.last.get("loss"), "valid_loss": self.last_valid.get("valid_loss"),
                 "valid_ppl": self.last_valid.get("valid_ppl"),
                 "checkpoint": str(self.cfg.checkpoint_dir / latest.read_text().strip()) if latest.is_file() else None,
-                "metrics": str(self.cfg.run_dir / "metrics.jsonl"),
-                "wandb": self.monitor.wandb_dir()}
+                "metrics": str(self.cfg.run_dir / "metrics.jsonl")}
 
 
 class _Window:

@@ -60,6 +60,8 @@ def test_load_model_from_any_layout_and_export(runs, tmp_path):
     out = subprocess.run([sys.executable, "tools/export.py", "--load", str(runs["tp2pp2"]), "--out",
                           str(tmp_path / "exp")], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "exp").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # one ordinary mode for both (umask's)
     from safetensors.torch import load_file
 
     from megatron_tokenformer import TokenFormerModel

@@ -1,6 +1,6 @@
 """Layout-independent resume: a checkpoint saved at one (tensor, pipeline, data, ZeRO) layout resumes
 at every other one with the weights, Adam moments, step, LR schedule and data position of the run
-that wrote it (DESIGN.md section 6)."""
+that wrote it (docs/DESIGN.md section 7)."""
 import shutil
 
 import pytest

@@ -1,19 +1,17 @@
 """End-to-end pretraining on real text with real DeepSpeed engines and gloo process groups."""
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from helpers import SMALL, launch, losses, metrics
+from helpers import ROOT, SMALL, env, launch, losses, metrics
 from megatron_tokenformer.config import load_config, padded_vocab_size
+from megatron_tokenformer.engine import lr_lambda
 from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
-
-try:
-    from megatron_tokenformer.engine import lr_lambda
-except ImportError:
-    from megatron_tokenformer.training import lr_lambda
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history
 
@@ -24,11 +22,21 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
                          "train.warmup_steps=5", "log.interval=5", "eval.interval=30", "checkpoint.interval=30",
                          "log.wandb_mode=offline", "log.wandb_project=tests"]
     started = time.perf_counter()
-    launch(overrides, launcher="python")
+    proc = launch(overrides, launcher="python")
     wall = time.perf_counter() - started
     cfg = load_config("configs/tiny.yml", overrides)
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    # The terminal shows each validation and ends with a summary of the run, in the logged numbers.
+    for r in rows:
+        if "valid_loss" in r:
+            assert f"step {r['step']}: validation loss {r['valid_loss']:.4f}" in proc.stdout
+    last = rows[-1]
+    assert f"done: step 60 (60 steps in" in proc.stdout
+    assert (f"training loss {last['loss']:.4f}, validation loss {last['valid_loss']:.4f}, "
+            f"perplexity {last['valid_ppl']:.2f}") in proc.stdout
+    assert f"checkpoint: {run / 'checkpoints' / 'step_00000060'}" in proc.stdout
+    assert f"W&B run:    {run / 'wandb'}" in proc.stdout
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
@@ -148,6 +156,14 @@ def test_exact_resume(corpus, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 9))  # no step logged twice
     for ra, rb in zip(a, b):
         assert (ra["loss"], ra["lr"], ra["grad_norm"], ra["samples"]) == (rb["loss"], rb["lr"], rb["grad_norm"], rb["samples"])
+
+
+def test_no_config_is_refused(tmp_path):
+    """Without --config a run would silently train the code's defaults: it stops and says so."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), f"log.dir={tmp_path}"], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no --config given" in proc.stderr and "configs/tiny.yml" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("overrides, words", [
