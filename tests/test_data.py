@@ -27,7 +27,8 @@ import yaml
 from megatron_tokenformer.data import (DataError, SampleSet, TokenStream, TrainBatches,
                                        load_meta, load_tokenizer, prepare, valid_batches)
 from megatron_tokenformer.config import load_config
-from megatron_tokenformer.data.prepare import load_local, train_tokenizer
+from megatron_tokenformer.data.prepare import train_tokenizer
+from megatron_tokenformer.data.sources import load_local
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,7 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
         if "valid_loss" in r:
             assert f"step {r['step']}: validation loss {r['valid_loss']:.4f}" in proc.stdout
     last = rows[-1]
-    assert f"done: step 60 (60 steps in" in proc.stdout
+    assert "done: step 60 (60 steps in" in proc.stdout
     assert (f"training loss {last['loss']:.4f}, validation loss {last['valid_loss']:.4f}, "
             f"perplexity {last['valid_ppl']:.2f}") in proc.stdout
     assert f"checkpoint: {run / 'checkpoints' / 'step_00000060'}" in proc.stdout

@@ -1,4 +1,5 @@
-"""Data pipeline: corpus preparation (``prepare``) and training-time reading (``dataset``)."""
+"""Data pipeline: where documents come from (``sources``), corpus preparation (``prepare``) and
+training-time reading (``dataset``)."""
 
 from .dataset import (DataError, DatasetMeta, SampleSet, TokenStream, TrainBatches, load_meta,
                       load_tokenizer, valid_batches)

@@ -1,0 +1,175 @@
+"""YAML files and `section.key=value` overrides into a Config; `describe()` for --help-config."""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .schema import Config, ConfigError, GrowthStage
+from .validation import validate
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings under the fields, read from the source (the single place they are written)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def describe() -> str:
+    """Every config key with its type, default and docstring (for --help)."""
+    lines = []
+    for sec in fields(Config):
+        cls = GrowthStage if sec.name == "growth" else sec.default_factory
+        docs = _field_docs(cls)
+        lines.append(f"{sec.name}:" + ("  # a list of stages, each with:" if sec.name == "growth" else ""))
+        for f in fields(cls):
+            doc = " ".join(docs.get(f.name, "").split())
+            name = f"growth[].{f.name}" if sec.name == "growth" else f"{sec.name}.{f.name}"
+            lines.append(f"  {name} = {f.default!r}  # {doc}")
+    return "\n".join(lines)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} is not a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _growth(value: Any, origin: str) -> list[GrowthStage]:
+    """The `growth` list: each item a mapping of GrowthStage keys."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"growth ({origin}) must be a list of stages like "
+                          "[{at_step: 100, qkv_tokens: 256, proj_tokens: 256, ffn_tokens: 1024}]")
+    hints, stages = get_type_hints(GrowthStage), []
+    for i, item in enumerate(value):
+        stage = GrowthStage()
+        for key, v in item.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key '{key}' in growth[{i}] ({origin}); keys are: {', '.join(hints)}")
+            setattr(stage, key, _coerce(v, hints[key], f"growth[{i}].{key}"))
+        stages.append(stage)
+    return stages
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    sections = {f.name: f for f in fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}' ({origin}); sections are: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    hints = get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(
+            f"unknown config key '{section}.{key}' ({origin}); keys of '{section}' are: {', '.join(hints)}")
+    setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20")
+    key, raw = text.split("=", 1)
+    section, name = key.split(".", 1)
+    # YAML parsing gives ints/floats/bools/null the same meaning as in the config file.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section.strip(), name.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (may be None: defaults), then apply `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config configs/tiny.yml or another file)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+        for section, values in data.items():
+            if section == "growth":
+                cfg.growth = _growth(values, str(path))
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {path} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for text in overrides:
+        if text.startswith("growth="):  # the whole list, in YAML flow style
+            cfg.growth = _growth(yaml.safe_load(text.split("=", 1)[1]), "command line")
+            continue
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        if section == "growth":
+            cfg.growth = _growth(values, "stored config")
+            continue
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "stored config")
+    return cfg

@@ -1,0 +1,218 @@
+"""The config's typed sections: every field with its type, default and docstring."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration: the message names the key and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Number of TokenFormer blocks."""
+    hidden_size: int = 128
+    """Model width d (the size of every token vector)."""
+    num_heads: int = 4
+    """Attention heads; hidden_size must divide by it (and by parallel.tensor)."""
+    qkv_tokens: int = 128
+    """Key-value parameter tokens of each of the Q, K and V Pattention layers."""
+    proj_tokens: int = 128
+    """Key-value parameter tokens of the attention output Pattention."""
+    ffn_tokens: int = 512
+    """Key-value parameter tokens of the FFN Pattention (the block's only nonlinearity)."""
+    seq_length: int = 128
+    """Tokens per training sample (context length)."""
+    vocab_size: Optional[int] = None
+    """Embedding rows. None: the dataset's tokenizer vocab, padded up to vocab_multiple."""
+    vocab_multiple: int = 128
+    """Pad the vocab to a multiple of this (times parallel.tensor), for fast matmuls and TP."""
+    norm: Literal["l2_norm_gelu", "gelu_l2_norm", "softmax"] = "l2_norm_gelu"
+    """Pattention score normalisation theta (DESIGN.md section 1)."""
+    rotary_pct: float = 0.25
+    """Fraction of each head's dims that get rotary position embedding."""
+    rotary_base: float = 10000.0
+    """Rotary embedding base."""
+    dropout: float = 0.0
+    """Dropout on the attention and FFN outputs before the residual add."""
+    norm_eps: float = 1e-5
+    """Epsilon of the LayerNorms."""
+    init_std: float = 0.02
+    """Std of the embedding and key-token init; value tokens use 2/(L*sqrt(d))."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations."""
+    pattention_impl: Literal["fused", "compiled", "reference"] = "fused"
+    """fused: hand-written backward keeping only the scores; compiled: the same with torch.compile'd
+    elementwise kernels (GPUs); reference: autograd through the formulas."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size: ranks that share every Pattention's parameter tokens."""
+    pipeline: int = 1
+    """Pipeline-parallel size: stages the blocks are cut into."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0-2) for the optimizer state (1) and gradients (2) over data-parallel ranks.
+    bf16/fp16 need >= 1 (checkpoints read the fp32 master weights per parameter from it)."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    steps: int = 200
+    """Optimizer steps to train for (a resumed run continues up to this step)."""
+    decay_steps: Optional[int] = None
+    """Length of the LR schedule in steps (warmup + cosine). None: up to train.steps, or in a
+    growing run up to the next growth stage (each stage, and each run resumed from a grown
+    checkpoint, starts its own schedule)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (and after it)."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to train.lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on every parameter (the final norm's gain is zero-centred)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 uses dynamic loss scaling, bf16 keeps fp32 master weights."""
+    seed: int = 1234
+    """Seed of the model init, the data order and dropout."""
+    max_skipped_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradients (0: never stop)."""
+    compile: bool = False
+    """torch.compile the model (fuses Pattention's elementwise passes; not with parallel.pipeline>1)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+    """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json)."""
+    prepare: Optional[str] = None
+    """The command that builds data.path (the error names it when the data is missing)."""
+    valid_fraction: float = 0.02
+    """Fraction of the samples (the tail of the corpus) held out for validation."""
+    verify_checksums: bool = True
+    """Check shard and tokenizer sha256 against metadata.json at start-up."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; a run finding one here resumes from the latest. None: <log.dir>/checkpoints."""
+    interval: int = 100
+    """Save every this many steps (and always at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (0 keeps all)."""
+    load: Optional[str] = None
+    """Start from this checkpoint directory when checkpoint.dir holds none (e.g. a grown model)."""
+
+
+@dataclass
+class LogConfig:
+    run_name: str = "tiny"
+    """Name of the run (W&B run name, default run directory)."""
+    dir: Optional[str] = None
+    """Run directory (metrics.jsonl, config.yml, checkpoints). None: runs/<run_name>."""
+    interval: int = 10
+    """Log training metrics every this many steps."""
+    wandb_project: Optional[str] = None
+    """W&B project; None disables W&B whatever wandb_mode says."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode: online needs WANDB_API_KEY; offline writes under <log.dir>/wandb."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50
+    """Validation every this many steps (and at the end); 0 disables."""
+    steps: int = 4
+    """Validation micro-batches per data-parallel rank."""
+
+
+@dataclass
+class GrowthStage:
+    at_step: int = 0
+    """After this many optimizer steps the model grows in place: checkpoint, append key-value tokens
+    (new keys zero, new values from the init, tau kept: the function is unchanged), rebuild the
+    engine, continue with a fresh LR schedule (warmup + decay up to the next growth or train.steps)."""
+    qkv_tokens: Optional[int] = None
+    """model.qkv_tokens from this step on (None: unchanged)."""
+    proj_tokens: Optional[int] = None
+    """model.proj_tokens from this step on (None: unchanged)."""
+    ffn_tokens: Optional[int] = None
+    """model.ffn_tokens from this step on (None: unchanged)."""
+
+
+TOKEN_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging and monitoring."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    growth: list[GrowthStage] = field(default_factory=list)
+    """Incremental scaling in one launch: a list of stages `{at_step, qkv_tokens, proj_tokens,
+    ffn_tokens}`; `model` holds the starting size."""
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.dir or f"runs/{self.log.run_name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def model_stages(self) -> list[ModelConfig]:
+        """The model at the start and after each growth stage."""
+        out = [self.model]
+        for g in self.growth:
+            out.append(dataclasses.replace(out[-1], **{k: getattr(g, k) for k in TOKEN_KEYS
+                                                      if getattr(g, k) is not None}))
+        return out
+
+    def segment_end(self, stage: int) -> int:
+        """The step where model stage `stage` ends: the next growth, or train.steps."""
+        return self.growth[stage].at_step if stage < len(self.growth) else self.train.steps
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

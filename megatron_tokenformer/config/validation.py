@@ -1,0 +1,113 @@
+"""Refuse impossible settings before any work, naming the key and what would be valid."""
+from __future__ import annotations
+
+import math
+
+from .schema import TOKEN_KEYS, Config, ConfigError, ModelConfig
+
+
+def _valid_heads(m: ModelConfig, tensor: int) -> list[int]:
+    """Head counts (up to 128) that every check below accepts: they divide the width and the
+    tensor size divides them, and give an even number of rotary dims per head."""
+    return [h for h in range(1, min(m.hidden_size, 128) + 1)
+            if m.hidden_size % h == 0 and h % tensor == 0 and int(m.hidden_size // h * m.rotary_pct) % 2 == 0]
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse impossible settings before any work. With world_size, also check the layout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for key in ("num_layers", "hidden_size", "num_heads", *TOKEN_KEYS, "seq_length", "vocab_multiple"):
+        need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
+    need(m.hidden_size % m.num_heads == 0,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+         f"pick num_heads among {_valid_heads(m, cfg.parallel.tensor)}")
+    head_dim = m.hidden_size // m.num_heads
+    rot = int(head_dim * m.rotary_pct)
+    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct={m.rotary_pct} must be within [0, 1]")
+    need(rot % 2 == 0, f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim={head_dim}; "
+                       "it must be even: change model.rotary_pct or model.num_heads")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be within [0, 1)")
+    if m.vocab_size is not None:
+        need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
+    for key in ("tensor", "pipeline"):
+        need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
+    need(p.zero_stage in (0, 1, 2),
+         f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2 (ZeRO-3 is not supported: tensor parallelism "
+         "already shards the parameter tokens, and checkpoints are written per parameter from stages 0-2)")
+    for key in TOKEN_KEYS:
+        need(getattr(m, key) % p.tensor == 0,
+             f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")
+    need(m.num_heads % p.tensor == 0,
+         f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(m.num_layers >= p.pipeline,
+         f"model.num_layers={m.num_layers} is fewer than parallel.pipeline={p.pipeline} stages")
+    need(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by "
+         f"train.micro_batch_size={t.micro_batch_size}")
+    need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    need(t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps={t.decay_steps} must be >= 1 or null")
+    need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
+         f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
+    need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
+    need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
+         "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
+    need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
+         "checkpoint.interval and checkpoint.keep_last must be >= 0")
+    prev_step, stages = 0, cfg.model_stages()
+    for i, g in enumerate(cfg.growth):
+        need(prev_step < g.at_step < t.steps,
+             f"growth[{i}].at_step={g.at_step} must lie after the previous stage ({prev_step}) and before "
+             f"train.steps={t.steps}")
+        prev_step = g.at_step
+        for key in TOKEN_KEYS:
+            old, new = getattr(stages[i], key), getattr(stages[i + 1], key)
+            need(new >= old, f"growth[{i}].{key}={new} would shrink the model ({old} before); growth only "
+                             "appends tokens")
+            need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
+        need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
+                                         "or ffn_tokens")
+    if world_size is not None:
+        mp = p.tensor * p.pipeline
+        need(world_size % mp == 0,
+             f"world size {world_size} does not factor into parallel.tensor={p.tensor} x "
+             f"parallel.pipeline={p.pipeline} x data; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+             f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
+             f"{t.micro_batch_size * dp}")
+    need(t.precision == "fp32" or p.zero_stage >= 1,
+         f"train.precision={t.precision} needs parallel.zero_stage>=1: checkpoints read and reshard the fp32 master "
+         "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
+         "data-parallel rank costs nothing)")
+    if p.pipeline > 1:
+        need(not t.compile, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
+        need(p.zero_stage <= 1,
+             f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
+             "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
+             "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+
+
+def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """Embedding rows: the configured size, or the tokenizer's padded up to vocab_multiple x tensor."""
+    m = cfg.model
+    if m.vocab_size is not None:
+        if tokenizer_vocab > m.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size={m.vocab_size}; raise "
+                f"model.vocab_size to at least {tokenizer_vocab} or leave it unset (null)")
+        multiple = cfg.parallel.tensor
+        if m.vocab_size % multiple:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={multiple}")
+        return m.vocab_size
+    multiple = m.vocab_multiple * cfg.parallel.tensor
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
