@@ -61,7 +61,8 @@ def partition(costs: list[int], stages: int) -> list[int]:
     return parts[::-1]
 
 
-def describe_partition(parts: list[int], costs: list[int], names: list[str]) -> str:
+def describe_partition(parts: list[int], costs: list[int], num_layers: int) -> str:
+    names = layer_names(num_layers)
     total = sum(costs)
     lines = []
     for s in range(len(parts) - 1):
@@ -106,4 +107,4 @@ def build_pipeline(cfg: Config, vocab_size: int, ps: ParallelState):
     module = pipeline_module_class(parts)(specs, topology=topo, loss_fn=_Loss(vocab_size, ps),
                              activation_checkpoint_interval=1 if m.activation_checkpointing else 0,
                              checkpointable_layers=["Block"])
-    return module, describe_partition(parts, costs, [layer.name for layer in table])
+    return module, describe_partition(parts, costs, m.num_layers)
