@@ -149,6 +149,15 @@ def all_reduce_mean(values: list[float], dev: torch.device, group=None) -> list[
     return t.tolist()
 
 
+def all_reduce_max(value: int, dev: torch.device) -> int:
+    """The largest of every rank's integer (over the whole world)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

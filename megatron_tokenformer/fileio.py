@@ -1,9 +1,16 @@
 """Durable file writes and checksums, shared by checkpoints, growth, export and data preparation."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import socket
+import time
+import warnings
 from pathlib import Path
+
+from .errors import UserError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -40,3 +47,49 @@ def umask_mode(executable: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if executable else 0o666) & ~mask
+
+
+class LockError(UserError):
+    """Another live run holds the run directory, or its filesystem cannot lock."""
+
+
+class RunLock:
+    """One run per directory: an exclusive flock on `<dir>/.lock`, held for the life of the
+    process. The kernel drops it when the process dies however it dies, so a lock file left by a
+    killed run is stale by construction: it is taken over, with a warning naming that run."""
+
+    def __init__(self, directory: Path, what: str = "log.dir"):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read() or "another process"
+            os.close(self.fd)
+            raise LockError(f"run directory {directory} is in use by a live run ({holder}); wait for it to "
+                            f"finish or stop it, or choose another {what}") from None
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise LockError(f"the filesystem of {directory} does not support file locks ({e.strerror}); "
+                                "set log.lock=false to run without the one-run-per-directory check, and make "
+                                "sure no two runs share the directory") from None
+            raise
+        stale = self._read()
+        if stale:
+            warnings.warn(f"taking over the lock of {directory} from a run that is gone ({stale})", stacklevel=2)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+
+    def _read(self) -> str:
+        return os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+
+    def release(self) -> None:
+        """Clear the holder (a finished run leaves nothing to take over) and unlock."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -21,9 +21,11 @@ from .config import Config, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
 from .engine import build_engine, check_precision, step_functions
 from .errors import UserError
+from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
 from .monitor import Monitor
+from .preemption import StopRequests
 from .seeding import seed_dropout
 
 
@@ -41,6 +43,8 @@ def pretrain(cfg: Config) -> dict:
         t.evaluate_if_due()
         t.log()  # this step's training and validation metrics, one row; stops a run of non-finite steps
         t.save_if_due()
+        if t.stop_requested():  # a signal or train.exit_after_minutes: saved, exit 0
+            break
     return t.finish()
 
 
@@ -59,6 +63,17 @@ class Trainer:
         self.ps = D.ParallelState.build(self.grid)
         self.dev = D.device()
         self.steps = step_functions(cfg)
+        # One run per directory (rank 0 holds the lock; every rank stops alike if it cannot).
+        self.lock, problem = None, None
+        if rank == 0 and cfg.log.lock:
+            try:
+                self.lock = RunLock(cfg.run_dir)
+            except LockError as e:
+                problem = str(e)
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise LockError(problem)
+        self.stops = StopRequests(cfg.train.exit_after_minutes, self.dev)
 
         self.data = load_meta(cfg.data.path, verify=cfg.data.verify_checksums, recipe=cfg.data.prepare)
         train_set = SampleSet(self.data, cfg.model.seq_length, "train", cfg.data.valid_fraction)
@@ -211,9 +226,27 @@ class Trainer:
         self.saved_at = self.step
         return path
 
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (agreed by all); if so, the state is saved."""
+        reason = self.stops.agreed()
+        if reason is None:
+            return False
+        if self.in_trouble:  # never save from inside a run of non-finite steps
+            self.monitor.message(f"step {self.step}: {reason}; stopping without a checkpoint (inside a run of "
+                                 "non-finite steps): resume from the newest one")
+        else:
+            if self.saved_at != self.step:
+                self.save()
+            self.monitor.message(f"step {self.step}: {reason}; saved the checkpoint and stopping. Run the same "
+                                 "command to resume")
+        return True
+
     def finish(self) -> dict:
         """Close the monitor after a summary of the run; returns the last logged metrics."""
         self.monitor.close(summary=self.summary())
+        self.stops.restore()
+        if self.lock is not None:
+            self.lock.release()
         return self.last
 
     def summary(self) -> dict:

@@ -97,6 +97,9 @@ class TrainConfig:
     """Seed of the model init, the data order and dropout."""
     max_skipped_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradients (0: never stop)."""
+    exit_after_minutes: Optional[float] = None
+    """Stop cleanly (finish the step, save a checkpoint, exit 0) after this many minutes of wall
+    clock, before a scheduler's time limit. None: no limit. SIGTERM and SIGUSR1 stop the same way."""
     compile: bool = False
     """torch.compile the model (fuses Pattention's elementwise passes; not with parallel.pipeline>1)."""
 
@@ -139,6 +142,9 @@ class LogConfig:
     """W&B mode: online needs WANDB_API_KEY; offline writes under <log.dir>/wandb."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    lock: bool = True
+    """Hold a lock on the run directory, so a second launch into it stops with a message instead of
+    corrupting it (set false only on a filesystem without file locks)."""
 
 
 @dataclass

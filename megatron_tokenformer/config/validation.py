@@ -55,6 +55,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
          f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    need(t.exit_after_minutes is None or t.exit_after_minutes > 0,
+         f"train.exit_after_minutes={t.exit_after_minutes} must be > 0 or null")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
     need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
