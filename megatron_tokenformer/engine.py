@@ -11,6 +11,7 @@ import torch
 from . import distributed as D
 from .config import Config, ConfigError
 from .model import TokenFormerModel
+from .pattention import resolve_impl
 from .pipeline import build_pipeline
 
 
@@ -75,6 +76,15 @@ def check_precision(cfg: Config) -> None:
                           f"({acc.device_name()}); use train.precision=bf16 or fp32")
 
 
+def speed_choices(cfg: Config) -> dict:
+    """model.pattention_impl and train.compile as this run uses them (`auto` resolved for the
+    device: the fastest measured there, docs/PERFORMANCE.md); explicit values stay."""
+    compile_ = cfg.train.compile
+    if compile_ == "auto":
+        compile_ = torch.cuda.is_available() and cfg.parallel.pipeline == 1
+    return {"pattention_impl": resolve_impl(cfg.model.pattention_impl), "compile": compile_}
+
+
 def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[int, int]):
     """The model (pipelined or not), AdamW and its LR schedule (running over the steps
     `schedule` = (start, end)) in a DeepSpeed engine; returns (engine, the pipeline partition
@@ -86,7 +96,7 @@ def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[i
         model, partition_text = build_pipeline(cfg, vocab, ps)
     else:
         model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
-        if cfg.train.compile:  # per block, in place: one graph for all blocks; parameter names unchanged
+        if speed_choices(cfg)["compile"]:  # per block, in place: one graph for all blocks; parameter names unchanged
             for block in model.blocks:
                 block.compile()
     optimizer = make_optimizer(model, cfg)

@@ -27,6 +27,14 @@ IMPLS = ("fused", "compiled", "reference")
 EPS = 1e-6  # inside the row norm: an all-zero score row gives 0, not NaN
 
 
+def resolve_impl(impl: str) -> str:
+    """`auto`: the fastest implementation measured for the device (docs/PERFORMANCE.md): the
+    compiled kernels on CUDA, `fused` elsewhere (on CPU torch.compile's start-up outweighs its gain)."""
+    if impl == "auto":
+        return "compiled" if torch.cuda.is_available() else "fused"
+    return impl
+
+
 def default_tau(norm: str, num_tokens: int) -> float:
     """The reference scale: sqrt(n) for the L2 variants, n for softmax (which sums to 1)."""
     return float(num_tokens) if norm == "softmax" else math.sqrt(num_tokens)
@@ -187,8 +195,9 @@ class Pattention(nn.Module):
             raise ValueError(f"{num_tokens} parameter tokens do not split over {tp} tensor-parallel ranks")
         self.in_features, self.out_features, self.num_tokens = in_features, out_features, num_tokens
         self.norm, self.groups = norm, groups
+        impl = resolve_impl(impl)
         if impl not in IMPLS:
-            raise ValueError(f"unknown Pattention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+            raise ValueError(f"unknown Pattention impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
         self.tp_group, self.input, self.output, self.impl = tp_group, input, output, impl
         self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)  # global n
         lead = (groups,) if groups > 1 else ()

@@ -19,7 +19,7 @@ from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
-from .engine import build_engine, check_precision, step_functions
+from .engine import build_engine, check_precision, speed_choices, step_functions
 from .errors import UserError
 from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
@@ -97,7 +97,7 @@ class Trainer:
                                     cfg.train.micro_batch_size, self.grid.dp_rank, self.grid.data,
                                     consumed_samples=meta["consumed_samples"] if resume else 0)
 
-        self.run_info = _run_info(cfg, meta) | {"lineage": self.growth.lineage}
+        self.run_info = _run_info(cfg, meta) | {"lineage": self.growth.lineage, "resolved": speed_choices(cfg)}
         if rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -119,6 +119,9 @@ class Trainer:
             f"{g.tensor} x pipeline {g.pipeline} x data {g.data}), {cfg.grad_accum_steps(world)} micro-batches/step, "
             f"{train_samples} train samples; "
             + (f"resumed from {resume[0] / resume[1]} at step {self.step}" if resume else "fresh start"))
+        chosen = self.run_info["resolved"]
+        say(f"Pattention: {chosen['pattention_impl']} (model.pattention_impl={cfg.model.pattention_impl}), "
+            f"compiled blocks: {chosen['compile']} (train.compile={cfg.train.compile})")
         if self.growth.lineage:
             say("grown from: " + "; ".join(f"{e['parent_name']} ({e['parent_run']}) at step {e['step']}, "
                                            f"{e['params_before']} -> {e['params_after']} parameters"

@@ -46,9 +46,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], key)
+        if len(args) < len(get_args(tp)) and (value is None or (isinstance(value, str)
+                                                               and value.lower() in ("none", "null"))):
+            return None  # Optional
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for a in args:  # e.g. bool or "auto": the first type the value fits
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        kinds = ["true/false" if a is bool else "/".join(map(str, get_args(a))) if get_origin(a) is Literal
+                 else a.__name__ for a in args]
+        raise ConfigError(f"{key}={value!r} is not valid; choose {' or '.join(kinds)}")
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ..errors import UserError
 
@@ -47,9 +47,10 @@ class ModelConfig:
     """Std of the embedding and key-token init; value tokens use 2/(L*sqrt(d))."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
-    pattention_impl: Literal["fused", "compiled", "reference"] = "fused"
+    pattention_impl: Literal["auto", "fused", "compiled", "reference"] = "auto"
     """fused: hand-written backward keeping only the scores; compiled: the same with torch.compile'd
-    elementwise kernels (GPUs); reference: autograd through the formulas."""
+    elementwise kernels; reference: autograd through the formulas; auto: the fastest measured on
+    the device (compiled on CUDA, fused elsewhere; docs/PERFORMANCE.md)."""
 
 
 @dataclass
@@ -100,8 +101,10 @@ class TrainConfig:
     exit_after_minutes: Optional[float] = None
     """Stop cleanly (finish the step, save a checkpoint, exit 0) after this many minutes of wall
     clock, before a scheduler's time limit. None: no limit. SIGTERM and SIGUSR1 stop the same way."""
-    compile: bool = False
-    """torch.compile the model (fuses Pattention's elementwise passes; not with parallel.pipeline>1)."""
+    compile: Union[bool, Literal["auto"]] = "auto"
+    """torch.compile each block (fuses Pattention's elementwise passes; not with parallel.pipeline>1).
+    auto: on CUDA without pipeline parallelism (the fastest measured there), off on CPU, where
+    compiling costs more start-up time than it saves in a short run."""
 
 
 @dataclass

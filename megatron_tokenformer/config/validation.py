@@ -92,7 +92,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
          "data-parallel rank costs nothing)")
     if p.pipeline > 1:
-        need(not t.compile, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
+        need(t.compile is not True, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
