@@ -81,7 +81,8 @@ def speed_choices(cfg: Config) -> dict:
     device: the fastest measured there, docs/PERFORMANCE.md); explicit values stay."""
     compile_ = cfg.train.compile
     if compile_ == "auto":
-        compile_ = torch.cuda.is_available() and cfg.parallel.pipeline == 1
+        # only where it was measured: one tensor rank (compiling around the TP collectives was not)
+        compile_ = torch.cuda.is_available() and cfg.parallel.pipeline == 1 and cfg.parallel.tensor == 1
     return {"pattention_impl": resolve_impl(cfg.model.pattention_impl), "compile": compile_}
 
 

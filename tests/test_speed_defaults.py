@@ -15,6 +15,7 @@ from megatron_tokenformer.pattention import Pattention
     (False, [], {"pattention_impl": "fused", "compile": False}),
     (True, [], {"pattention_impl": "compiled", "compile": True}),
     (True, ["parallel.pipeline=2"], {"pattention_impl": "compiled", "compile": False}),  # no compile with pipelines
+    (True, ["parallel.tensor=2"], {"pattention_impl": "compiled", "compile": False}),  # nor where not measured
     (True, ["model.pattention_impl=fused", "train.compile=false"], {"pattention_impl": "fused", "compile": False}),
     (False, ["model.pattention_impl=reference", "train.compile=true"], {"pattention_impl": "reference",
                                                                         "compile": True}),

@@ -103,7 +103,7 @@ class TrainConfig:
     clock, before a scheduler's time limit. None: no limit. SIGTERM and SIGUSR1 stop the same way."""
     compile: Union[bool, Literal["auto"]] = "auto"
     """torch.compile each block (fuses Pattention's elementwise passes; not with parallel.pipeline>1).
-    auto: on CUDA without pipeline parallelism (the fastest measured there), off on CPU, where
+    auto: on CUDA without tensor or pipeline parallelism (the fastest measured there), off on CPU, where
     compiling costs more start-up time than it saves in a short run."""
 
 
