@@ -4,10 +4,12 @@
 
 For each variant (TokenFormer with the fused Pattention, with plain autograd, compiled; the GPT
 baseline eager and compiled) it runs warm training steps (forward, backward, AdamW) on random
-tokens and reports tokens/s, model FLOPs per token, MFU, peak memory (GPU), activation bytes kept
+tokens, in rounds that interleave the variants (A B C, A B C, ...: each variant is built, warmed,
+timed and freed in turn, so a variant and its baseline are timed close together and a change of
+load on the machine moves both), and reports the median over rounds of tokens/s, model FLOPs per token, MFU, peak memory (GPU), activation bytes kept
 for backward per token (counted in eager mode), the tensor-parallel bytes each rank would send per
 token at the config's parallel.tensor (the formula tests check against mappings.py's counter), and
-the ratios against the baseline. `--check` first compares the fused
+the ratios against the baseline with their spread (min and max over rounds). `--check` first compares the fused
 Pattention with the reference on this device. Runs on one GPU or on the CPU; needs no DeepSpeed.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -51,44 +54,89 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_variant(name: str, build, flops_per_token: int, ids, device, dtype, steps: int, warmup: int,
-                compile_model: str | None, peak: float) -> dict:
-    torch.manual_seed(0)
-    model = build().to(device=device, dtype=dtype)
-    act_bytes = saved_tensor_bytes(model, ids[:, :-1], ids[:, 1:])[1]
-    if compile_model == "blocks":  # regional: one compiled graph serves every block (fast to compile)
-        for block in model.blocks:
-            block.compile()
-    elif compile_model == "model":
-        model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+class Variant:
+    """One model and its AdamW, built and warmed; `time(steps)` times training steps on `ids`."""
 
-    def step():
-        loss = model(ids[:, :-1], ids[:, 1:])
+    def __init__(self, name: str, build, flops_per_token: int, ids, device, dtype, warmup: int,
+                 compile_model: str | None, peak: float):
+        torch.manual_seed(0)
+        self.name, self.flops_per_token, self.ids, self.device, self.peak = name, flops_per_token, ids, device, peak
+        self.model = build().to(device=device, dtype=dtype)
+        self.act_bytes = saved_tensor_bytes(self.model, ids[:, :-1], ids[:, 1:])[1]
+        if compile_model == "blocks":  # regional: one compiled graph serves every block (fast to compile)
+            for block in self.model.blocks:
+                block.compile()
+        elif compile_model == "model":
+            self.model.compile()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            self.step()
+        sync(device)
+        self.warm_s = time.perf_counter() - t0
+
+    def step(self):
+        loss = self.model(self.ids[:, :-1], self.ids[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync(device)
-    step_s = (time.perf_counter() - t0) / steps
-    tokens = ids.shape[0] * (ids.shape[1] - 1)
-    row = {"variant": name, "step_ms": 1e3 * step_s, "tokens_per_sec": tokens / step_s,
-           "flops_per_token": flops_per_token, "tflops": flops_per_token * tokens / step_s / 1e12,
-           "mfu": flops_per_token * tokens / step_s / peak, "activation_bytes_per_token": act_bytes / tokens,
-           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "warmup_s": warm_s, "final_loss": loss.item()}
-    return row
+    def time(self, steps: int, measure_memory: bool) -> dict:
+        if measure_memory:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        sync(self.device)
+        step_s = (time.perf_counter() - t0) / steps
+        tokens = self.ids.shape[0] * (self.ids.shape[1] - 1)
+        return {"variant": self.name, "step_ms": 1e3 * step_s, "tokens_per_sec": tokens / step_s,
+                "flops_per_token": self.flops_per_token, "tflops": self.flops_per_token * tokens / step_s / 1e12,
+                "mfu": self.flops_per_token * tokens / step_s / self.peak,
+                "activation_bytes_per_token": self.act_bytes / tokens,
+                "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if measure_memory else None,
+                "warmup_s": self.warm_s, "final_loss": loss.item()}
+
+
+def measure(plan, ids, device, dtype, args, peak) -> dict[str, list[dict]]:
+    """Each variant's timings, one per round, the variants interleaved round by round.
+
+    interleave=step: every variant is built and warmed once and stays resident; each round times
+    `steps` steps of each in turn (the finest interleaving: robust to a machine whose load
+    changes; peak memory is not measured, the other variants are resident). interleave=variant:
+    each round builds, warms, times and frees each variant in turn (memory of one variant at a
+    time; peak memory measured; for large models on one GPU)."""
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in plan}
+    if args.interleave == "step":
+        built = [Variant(name, build, flops, ids, device, dtype, args.warmup, comp, peak)
+                 for name, build, flops, comp in plan]
+    for rnd in range(args.rounds):
+        for i, (name, build, flops, comp) in enumerate(plan):
+            if args.interleave == "step":
+                row = built[i].time(args.steps, measure_memory=False)
+            else:
+                v = Variant(name, build, flops, ids, device, dtype, args.warmup, comp, peak)
+                row = v.time(args.steps, measure_memory=device.type == "cuda")
+                del v
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the variant's model and optimizer are gone: free their cache
+            runs[name].append(row)
+            print(json.dumps({"round": rnd, **row}), flush=True)
+    return runs
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """One variant's rounds: the median step time (and what follows from it), the largest peak."""
+    step_ms = statistics.median(r["step_ms"] for r in rounds)
+    first = rounds[0]
+    tokens_per_step = first["tokens_per_sec"] * first["step_ms"] / 1e3
+    mems = [r["peak_memory_gb"] for r in rounds if r["peak_memory_gb"] is not None]
+    return {**first, "step_ms": step_ms, "step_ms_rounds": [r["step_ms"] for r in rounds],
+            "tokens_per_sec": tokens_per_step / (step_ms / 1e3),
+            "tflops": first["flops_per_token"] * tokens_per_step / (step_ms / 1e3) / 1e12,
+            "mfu": first["mfu"] * first["step_ms"] / step_ms, "peak_memory_gb": max(mems) if mems else None,
+            "final_loss": rounds[-1]["final_loss"]}
 
 
 def check_fused(device: torch.device) -> list[dict]:
@@ -139,6 +187,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds of all variants, medians reported (default: 15 at step "
+                         "interleaving, 3 at variant interleaving)")
+    ap.add_argument("--interleave", choices=["step", "variant"], default=None,
+                    help="step: all variants resident, `--steps` steps of each per round (default on CPU); "
+                         "variant: each round builds, times and frees each variant (default on GPUs, memory)")
     ap.add_argument("--variants", default="fused,kernels,reference,compiled",
                     help="TokenFormer variants: fused (eager, hand-written backward), kernels (fused with "
                          "compiled elementwise kernels), reference (autograd), compiled (torch.compile of the "
@@ -152,11 +206,14 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.interleave = args.interleave or ("variant" if device.type == "cuda" else "step")
+    args.rounds = args.rounds or (15 if args.interleave == "step" else 3)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else torch.float32
     vocab = cfg.model.vocab_size or 4096
     peak, peak_src = peak_flops(device, dtype)
     wbytes = 2 if dtype == torch.bfloat16 else 4
     result = {"config": args.config, "overrides": args.overrides, "compile_scope": args.compile_scope,
+              "rounds": args.rounds, "steps": args.steps, "interleave": args.interleave,
               # at parallel.tensor of the config; the run itself is on one device
               "tp_collective_bytes_per_token": tp_bytes_per_token(cfg.model, cfg.parallel.tensor, wbytes), "device": peak_src, "dtype": str(dtype),
               "torch": torch.__version__, "micro_batch_size": cfg.train.micro_batch_size,
@@ -174,26 +231,23 @@ def main() -> None:
         m = cfg.model
         return lambda: TokenFormerModel(type(m)(**{**m.__dict__, "pattention_impl": impl[variant]}), vocab, seed=0)
 
-    rows = []
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     scope = args.compile_scope
     plan = [(f"tokenformer-{v}", tokenformer(v), tf_flops, scope if v == "compiled" else None) for v in variants]
     plan.append(("gpt-eager", lambda: GPTModel(cfg.model, vocab), gpt_flops, None))
     if not args.no_compile_baseline:
         plan.append(("gpt-compiled", lambda: GPTModel(cfg.model, vocab), gpt_flops, scope))
-    for name, build, flops, comp in plan:
-        row = run_variant(name, build, flops, ids, device, dtype, args.steps, args.warmup, comp, peak)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the variant's model and optimizer are gone: free their cache
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    by = {r["variant"]: r for r in rows}
+    runs = measure(plan, ids, device, dtype, args, peak)
+    rows = [summarize(rs) for rs in runs.values()]
     ratios = {}
     for r in rows:
         if r["variant"].startswith("tokenformer"):
-            base = by["gpt-compiled" if r["variant"].endswith("compiled") and "gpt-compiled" in by else "gpt-eager"]
-            ratios[r["variant"]] = {"vs": base["variant"], "step_time": r["step_ms"] / base["step_ms"],
-                                    "activation_bytes": r["activation_bytes_per_token"] / base["activation_bytes_per_token"]}
+            base = "gpt-compiled" if r["variant"].endswith("compiled") and "gpt-compiled" in runs else "gpt-eager"
+            per_round = sorted(a["step_ms"] / b["step_ms"] for a, b in zip(runs[r["variant"]], runs[base]))
+            ratios[r["variant"]] = {"vs": base, "step_time": statistics.median(per_round),
+                                    "step_time_min": per_round[0], "step_time_max": per_round[-1],
+                                    "activation_bytes": r["activation_bytes_per_token"]
+                                    / runs[base][0]["activation_bytes_per_token"]}
     result.update(rows=rows, ratios=ratios)
     fastest = min((r for r in rows if r["variant"].startswith("tokenformer")), key=lambda r: r["step_ms"], default=None)
     if fastest:
@@ -206,8 +260,11 @@ def main() -> None:
 
 def table(res: dict) -> str:
     lines = [f"{res['config']} {' '.join(res['overrides'])} on {res['device']}, {res['dtype']}, "
-             f"micro-batch {res['micro_batch_size']} x seq {res['seq_length']}, compiled: {res['compile_scope']}",
-             "| variant | step ms | tokens/s | TFLOP/s | MFU | act. bytes/token | peak GB | step vs baseline | act. vs baseline |",
+             f"micro-batch {res['micro_batch_size']} x seq {res['seq_length']}, compiled: {res['compile_scope']}, "
+             f"median of {res.get('rounds', 1)} rounds of {res.get('steps', '?')} steps, interleaved by "
+             f"{res.get('interleave', 'variant')}",
+             "| variant | step ms | tokens/s | TFLOP/s | MFU | act. bytes/token | peak GB | step vs baseline "
+             "(min-max) | act. vs baseline |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         rt = res["ratios"].get(r["variant"], {})
@@ -215,7 +272,8 @@ def table(res: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if not math.isnan(r["mfu"]) else "-"
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:.0f} | {r['tflops']:.2f} | {mfu} | "
                      f"{r['activation_bytes_per_token']:.0f} | {mem} | "
-                     + (f"{rt['step_time']:.3f} ({rt['vs']})" if rt else "") + " | "
+                     + (f"{rt['step_time']:.3f} ({rt.get('step_time_min', rt['step_time']):.3f}-"
+                        f"{rt.get('step_time_max', rt['step_time']):.3f}, {rt['vs']})" if rt else "") + " | "
                      + (f"{rt['activation_bytes']:.3f}" if rt else "") + " |")
     if res["tp_collective_bytes_per_token"]:
         lines.append(f"tensor-parallel collectives at parallel.tensor of the config: "
