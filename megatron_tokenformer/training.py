@@ -19,7 +19,7 @@ from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
-from .engine import build_engine, check_precision, step_functions
+from .engine import build_engine, check_precision, deepspeed_config, step_functions, unknown_deepspeed_keys
 from .errors import UserError
 from .growth.controller import GrowthController
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
@@ -86,6 +86,7 @@ class Trainer:
         if rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (cfg.run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg, world), indent=1))
             (cfg.run_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=1))
         self.monitor = Monitor(cfg, self.grid.is_logger, self.run_info, self.step)
         self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
@@ -113,6 +114,10 @@ class Trainer:
             say(f"the model has {self.vocab} embedding rows, the tokenizer of data.path={cfg.data.path} "
                 f"{self.data.vocab_size} tokens: {unused} rows stay unused (the first loss is near "
                 f"ln({self.vocab})={math.log(self.vocab):.1f}, not ln({self.data.vocab_size}))")
+        unknown = unknown_deepspeed_keys(cfg)
+        if unknown:  # DeepSpeed would ignore them without a word
+            say(f"warning: {', '.join('deepspeed.' + k for k in unknown)}: not a key of DeepSpeed's config; "
+                "DeepSpeed ignores it (misspelt?)")
         if partition_text:
             say(partition_text)
         if self.step >= cfg.train.steps:
