@@ -218,6 +218,10 @@ class Trainer:
 
     def finish(self) -> dict:
         """Close the monitor after a summary of the run; returns the last logged metrics."""
+        if self.cfg.deepspeed.get("comms_logger", {}).get("enabled"):
+            import deepspeed.comm  # DeepSpeed prints its table only when asked (every rank calls: it syncs)
+
+            deepspeed.comm.log_summary()
         self.monitor.close(summary=self.summary())
         return self.last
 
