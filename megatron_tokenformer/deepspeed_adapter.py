@@ -11,7 +11,9 @@ this module reaches for:
   `cur_hysteresis`), carried across a resume;
 - the engine's step counters (`global_steps`, `global_samples`, `skipped_steps`);
 - `PipelineModule._partition_layers`, `_set_bounds` and `_topo`, to cut the pipeline where our
-  compute-balanced partition says.
+  compute-balanced partition says;
+- how `DeepSpeedConfig` reads its dict (`get`, `[]`, `in`, `keys()` on a shallow copy), to list
+  the top-level keys it knows (`known_config_keys`).
 `check_internals()` fails loudly, naming what moved, if a DeepSpeed release changes any of them;
 tests/test_deepspeed_adapter.py runs it against real engines.
 """
@@ -130,6 +132,58 @@ def set_engine_counters(engine, counters: dict[str, int]) -> None:
         setattr(engine, k, v)
 
 
+class _Recording(dict):
+    """A dict noting every top-level key looked up (DeepSpeedConfig's copy.copy keeps the subclass
+    and shares `seen`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = set()
+
+    def __getitem__(self, k):
+        self.seen.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.seen.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.seen.add(k)
+        return super().__contains__(k)
+
+    def keys(self):
+        seen = self.seen
+
+        class Keys(list):  # `key in d.keys()` is how several of DeepSpeed's readers ask
+            def __contains__(self, k):
+                seen.add(k)
+                return list.__contains__(self, k)
+
+        return Keys(super().keys())
+
+
+_KNOWN_KEYS: set | None = None
+
+
+def known_config_keys() -> set:
+    """The top-level keys DeepSpeedConfig reads: it is built once from a minimal config, recording
+    every key it asks for (DeepSpeed keeps no list; its constants mix top-level and nested keys)."""
+    global _KNOWN_KEYS
+    if _KNOWN_KEYS is None:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        class OneRank:  # so the batch sizes below check out whatever the world size
+            @staticmethod
+            def get_data_parallel_world_size():
+                return 1
+
+        d = _Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+        DeepSpeedConfig(d, mpu=OneRank())
+        _KNOWN_KEYS = set(d.seen)
+    return _KNOWN_KEYS
+
+
 def pipeline_module_class(parts: list[int]):
     """A PipelineModule subclass that cuts its layers at `parts` (stage s owns layers parts[s] ..
     parts[s+1]-1) instead of by one of DeepSpeed's built-in methods."""
@@ -162,6 +216,8 @@ def check_internals(engine=None) -> None:
         missing += [f"DynamicLossScaler.{k}" for k in (*LOSS_SCALER_FIELDS, "dynamic") if not hasattr(scaler, k)]
     except TypeError as e:
         missing.append(f"DynamicLossScaler's constructor ({e})")
+    if not {"zero_optimization", "bf16", "flops_profiler", "comms_logger"} <= known_config_keys():
+        missing.append("DeepSpeedConfig's reads of its dict (known_config_keys sees too few keys)")
     if engine is not None:
         missing += [f"DeepSpeedEngine.{k}" for k in ENGINE_COUNTERS if not hasattr(engine, k)]
         if type(engine.optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):

@@ -45,7 +45,17 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
                              weight_decay=t.weight_decay, fused=torch.cuda.is_available())
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra` merged in, nested mappings key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's config: what our sections set (config/validation.py DEEPSPEED_OWNED lists it; the
+    `deepspeed:` section may not set those), with the `deepspeed:` section merged in."""
     t = cfg.train
     ds = {
         "train_batch_size": t.global_batch_size,
@@ -54,6 +64,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload (offload_optimizer) steps our torch AdamW on the CPU partitions; DeepSpeed
+        # otherwise insists on its own CPU Adam, a compiled op
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -61,7 +74,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return ds
+    return _merge(ds, cfg.deepspeed)
+
+
+def unknown_deepspeed_keys(cfg: Config) -> list[str]:
+    """Top-level keys of the `deepspeed:` section that this DeepSpeed does not read (it ignores
+    them silently: usually a misspelling)."""
+    from .deepspeed_adapter import known_config_keys
+
+    known = known_config_keys()
+    return [k for k in cfg.deepspeed if k not in known]
 
 
 def check_precision(cfg: Config) -> None:

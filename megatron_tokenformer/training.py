@@ -19,7 +19,8 @@ from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
 from .data import SampleSet, TrainBatches, load_meta, valid_batches
-from .engine import build_engine, check_precision, speed_choices, step_functions
+from .engine import (build_engine, check_precision, deepspeed_config, speed_choices, step_functions,
+                     unknown_deepspeed_keys)
 from .errors import UserError
 from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
@@ -101,6 +102,7 @@ class Trainer:
         if rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (cfg.run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg, world), indent=1))
             (cfg.run_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=1))
         self.monitor = Monitor(cfg, self.grid.is_logger, self.run_info, self.step)
         self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
@@ -131,6 +133,10 @@ class Trainer:
             say(f"the model has {self.vocab} embedding rows, the tokenizer of data.path={cfg.data.path} "
                 f"{self.data.vocab_size} tokens: {unused} rows stay unused (the first loss is near "
                 f"ln({self.vocab})={math.log(self.vocab):.1f}, not ln({self.data.vocab_size}))")
+        unknown = unknown_deepspeed_keys(cfg)
+        if unknown:  # DeepSpeed would ignore them without a word
+            say(f"warning: {', '.join('deepspeed.' + k for k in unknown)}: not a key of DeepSpeed's config; "
+                "DeepSpeed ignores it (misspelt?)")
         if partition_text:
             say(partition_text)
         if self.step >= cfg.train.steps:
@@ -246,6 +252,10 @@ class Trainer:
 
     def finish(self) -> dict:
         """Close the monitor after a summary of the run; returns the last logged metrics."""
+        if self.cfg.deepspeed.get("comms_logger", {}).get("enabled"):
+            import deepspeed.comm  # DeepSpeed prints its table only when asked (every rank calls: it syncs)
+
+            deepspeed.comm.log_summary()
         self.monitor.close(summary=self.summary())
         self.stops.restore()
         if self.lock is not None:

@@ -1,6 +1,7 @@
 """YAML files and `section.key=value` overrides into a Config; `describe()` for --help-config."""
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import fields
@@ -31,6 +32,10 @@ def describe() -> str:
     """Every config key with its type, default and docstring (for --help)."""
     lines = []
     for sec in fields(Config):
+        if sec.name == "deepspeed":
+            lines.append("deepspeed:  # " + " ".join(_field_docs(Config)["deepspeed"].split()))
+            lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
+            continue
         cls = GrowthStage if sec.name == "growth" else sec.default_factory
         docs = _field_docs(cls)
         lines.append(f"{sec.name}:" + ("  # a list of stages, each with:" if sec.name == "growth" else ""))
@@ -117,10 +122,46 @@ def _growth(value: Any, origin: str) -> list[GrowthStage]:
     return stages
 
 
+# YAML 1.1 reads 5e8 or 1e-5 (no dot) as strings; in DeepSpeed's JSON config they are numbers.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _deepspeed_value(value: Any) -> Any:
+    if isinstance(value, str) and _EXPONENT.fullmatch(value):
+        f = float(value)
+        return int(f) if f.is_integer() else f
+    return [_deepspeed_value(v) for v in value] if isinstance(value, list) else value
+
+
+def _set_deepspeed(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    """Set deepspeed.<path> (nested keys); a mapping merges key by key into what is there, so a
+    command-line override of one key keeps the file's others."""
+    node = _node(tree, path[:-1], origin)
+    if isinstance(value, dict):
+        if not isinstance(node.get(path[-1]), dict):
+            node[path[-1]] = {}
+        for k, v in value.items():
+            _set_deepspeed(tree, [*path, str(k)], v, origin)
+    else:
+        node[path[-1]] = _deepspeed_value(value)
+
+
+def _node(tree: dict, path: list[str], origin: str) -> dict:
+    for i, k in enumerate(path):
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"deepspeed.{'.'.join(path[:i + 1])} is a value, not a section ({origin}); "
+                              f"set it to a mapping (deepspeed.{'.'.join(path[:i + 1])}.<key>=...) or remove it")
+    return tree
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
         raise ConfigError(f"unknown config section '{section}' ({origin}); sections are: {', '.join(sections)}")
+    if section == "deepspeed":  # free-form: DeepSpeed's own keys, checked in validation
+        _set_deepspeed(cfg.deepspeed, str(key).split("."), value, origin)
+        return
     sub = getattr(cfg, section)
     hints = get_type_hints(type(sub))
     if key not in hints:

@@ -194,6 +194,11 @@ class Config:
     growth: list[GrowthStage] = field(default_factory=list)
     """Incremental scaling in one launch: a list of stages `{at_step, qkv_tokens, proj_tokens,
     ffn_tokens}`; `model` holds the starting size."""
+    deepspeed: dict = field(default_factory=dict)
+    """DeepSpeed settings this config does not model, nested as in a DeepSpeed JSON config (e.g.
+    `zero_optimization: {overlap_comm: true}`), merged into the engine's config (written to
+    <log.dir>/deepspeed_config.json). Keys the sections above set (batch sizes, clipping, precision,
+    ZeRO stage, optimizer) are refused here: set them there."""
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -13,6 +13,65 @@ def _valid_heads(m: ModelConfig, tensor: int) -> list[int]:
             if m.hidden_size % h == 0 and h % tensor == 0 and int(m.hidden_size // h * m.rotary_pct) % 2 == 0]
 
 
+# The keys of DeepSpeed's config that engine.deepspeed_config sets (dotted paths), and what sets them.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x data-parallel size)",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "bf16.enabled": "train.precision",
+    "bfloat16.enabled": "train.precision",  # DeepSpeed's older name for bf16
+    "fp16.enabled": "train.precision",
+    "fp16.loss_scale": "train.precision (fp16 always scales dynamically)",
+    "fp16.initial_scale_power": "train.precision (fp16 starts at 2**16)",
+    "amp.enabled": "train.precision",
+    "torch_autocast.enabled": "train.precision",
+    "optimizer": "train.lr, train.beta1, train.beta2, train.adam_eps and train.weight_decay (torch's AdamW)",
+    "scheduler": "train.lr, train.min_lr, train.warmup_steps and train.decay_steps",
+    # always true: the optimizer is torch's AdamW, which ZeRO (and ZeRO-Offload) must accept
+    "zero_allow_untested_optimizer": "the package (the optimizer is always torch's AdamW)",
+    "zero_force_ds_cpu_optimizer": "the package (the optimizer is always torch's AdamW)",
+}
+# Set by engine.deepspeed_config as defaults only; deepspeed: may change them (they only print).
+DEEPSPEED_DEFAULTS = ("steps_per_print", "wall_clock_breakdown")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted path: value} of a nested mapping (an empty mapping sets nothing)."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """Refuse deepspeed: keys our sections own, and combinations that break our checkpoints."""
+    ds = _leaves(cfg.deepspeed)
+    for path in ds:
+        for owned, owner in DEEPSPEED_OWNED.items():
+            if path == owned or owned.startswith(path + ".") or path.startswith(owned + "."):
+                fix = "remove it" if owner.startswith("the package") else "set that instead"
+                raise ConfigError(f"deepspeed.{path} is set by {owner}; {fix}")
+    if str(ds.get("zero_optimization.offload_param.device", "none")) != "none":
+        raise ConfigError("deepspeed.zero_optimization.offload_param offloads parameters, which DeepSpeed does only "
+                          "under ZeRO-3, and parallel.zero_stage=3 is not supported; remove it (offload_optimizer "
+                          "works with ZeRO-1/2)")
+    off = str(ds.get("zero_optimization.offload_optimizer.device", "none"))
+    if off != "none":
+        if off != "cpu":
+            raise ConfigError(f"deepspeed.zero_optimization.offload_optimizer.device={off}: ZeRO-1/2 offload the "
+                              "optimizer to CPU memory only (nvme is ZeRO-3's); set it to cpu")
+        if cfg.parallel.zero_stage == 0:
+            raise ConfigError("deepspeed.zero_optimization.offload_optimizer needs parallel.zero_stage=1 or 2 "
+                              "(ZeRO-0 has no partitioned optimizer to offload)")
+    for path in ("bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states",
+                 "fp16.fp16_master_weights_and_grads"):
+        if ds.get(path):
+            raise ConfigError(f"deepspeed.{path}=true keeps master weights or Adam moments in 16 bits, but "
+                              "checkpoints store and reshard them in fp32; remove it")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Refuse impossible settings before any work. With world_size, also check the layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -77,6 +136,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
         need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
                                          "or ffn_tokens")
+    _check_deepspeed(cfg)
     if world_size is not None:
         mp = p.tensor * p.pipeline
         need(world_size % mp == 0,
