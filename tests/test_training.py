@@ -37,6 +37,8 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
             f"perplexity {last['valid_ppl']:.2f}") in proc.stdout
     assert f"checkpoint: {run / 'checkpoints' / 'step_00000060'}" in proc.stdout
     assert f"W&B run:    {run / 'wandb'}" in proc.stdout
+    # ... and nothing else's chatter: DeepSpeed's accelerator probe, W&B's own lines
+    assert "Setting accelerator" not in proc.stdout + proc.stderr and "wandb:" not in proc.stdout + proc.stderr
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
