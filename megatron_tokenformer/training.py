@@ -64,16 +64,6 @@ class Trainer:
         self.ps = D.ParallelState.build(self.grid)
         self.dev = D.device()
         self.steps = step_functions(cfg)
-        # One run per directory (rank 0 holds the lock; every rank stops alike if it cannot).
-        self.lock, problem = None, None
-        if rank == 0 and cfg.log.lock:
-            try:
-                self.lock = RunLock(cfg.run_dir)
-            except LockError as e:
-                problem = str(e)
-        problem = D.broadcast_object(problem)
-        if problem:
-            raise LockError(problem)
         self.stops = StopRequests(cfg.train.exit_after_minutes, self.dev)
 
         self.data = load_meta(cfg.data.path, verify=cfg.data.verify_checksums, recipe=cfg.data.prepare)
@@ -88,6 +78,17 @@ class Trainer:
                                      self.data.tokenizer_sha256)
         # A resumed run keeps the checkpoint's vocab rows (the padding may differ at another tensor size).
         self.vocab = meta["vocab_size"] if resume else padded_vocab_size(cfg, self.data.vocab_size)
+        # One run per directory, taken once the inputs are known good and before anything is built or
+        # written (rank 0 holds it; every rank stops alike if it cannot).
+        self.lock, problem = None, None
+        if rank == 0 and cfg.log.lock:
+            try:
+                self.lock = RunLock(cfg.run_dir)
+            except LockError as e:
+                problem = str(e)
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise LockError(problem)
         self.engine, partition_text = build_engine(self.growth.run, self.vocab, self.ps, self.growth.schedule)
         seed_dropout(cfg.train.seed, self.grid.dp_rank)
         if resume:
