@@ -118,7 +118,8 @@ class BlendedBatches(TrainBatches):
     def _source_perm(self, source: int, epoch: int) -> np.ndarray:
         key = (source, epoch)
         if key not in self._source_perms:
-            # Keep two epochs per source (a batch spans at most two of one source's epochs).
+            # Keep two epochs per source: a batch usually spans at most two of a source's epochs (an
+            # evicted one is recomputed, the same, if a tiny source needs it again).
             older = [k for k in self._source_perms if k[0] == source]
             if len(older) >= 2:
                 self._source_perms.pop(min(older))
@@ -164,7 +165,7 @@ def share_names(paths: list[str]) -> list[str]:
     return [n if last.count(n) == 1 else p for n, p in zip(last, paths)]
 
 
-def load_data(data_cfg, seq_length: int) -> tuple[DatasetMeta, SampleSet | BlendedSamples, object]:
+def load_data(data_cfg, seq_length: int) -> tuple[DatasetMeta, SampleSet | BlendedSamples, SampleSet | BlendedValid]:
     """(metadata of the first source: tokenizer and vocab, training samples, validation samples) from the
     config's data section: data.path alone, or the data.blend sources."""
     d = data_cfg
