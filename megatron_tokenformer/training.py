@@ -18,7 +18,7 @@ from . import distributed as D
 from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
-from .data import SampleSet, TrainBatches, load_meta, valid_batches
+from .data import load_data, train_batches, valid_batches
 from .engine import (build_engine, check_precision, deepspeed_config, speed_choices, step_functions,
                      unknown_deepspeed_keys)
 from .errors import UserError
@@ -66,9 +66,8 @@ class Trainer:
         self.steps = step_functions(cfg)
         self.stops = StopRequests(cfg.train.exit_after_minutes, self.dev)
 
-        self.data = load_meta(cfg.data.path, verify=cfg.data.verify_checksums, recipe=cfg.data.prepare)
-        train_set = SampleSet(self.data, cfg.model.seq_length, "train", cfg.data.valid_fraction)
-        self.valid_set = SampleSet(self.data, cfg.model.seq_length, "valid", cfg.data.valid_fraction)
+        # data.path, or the data.blend sources (self.data: the first one's metadata, shared tokenizer).
+        self.data, train_set, self.valid_set = load_data(cfg.data, cfg.model.seq_length)
         # The checkpoint to resume (rank 0 verifies the manifests), checked before anything is built.
         resume = D.broadcast_object(save_load.find_resume(cfg) if rank == 0 else None)
         meta = D.broadcast_object(read_meta(*resume) if rank == 0 and resume else None)
@@ -95,9 +94,9 @@ class Trainer:
             save_load.load(self.engine, self.growth.run, self.grid, *resume, meta)
         self.step = meta["step"] if resume else 0
         self.saved_at = self.step if resume else None  # the step whose checkpoint exists
-        self.batches = TrainBatches(train_set, cfg.train.seed, cfg.train.global_batch_size,
-                                    cfg.train.micro_batch_size, self.grid.dp_rank, self.grid.data,
-                                    consumed_samples=meta["consumed_samples"] if resume else 0)
+        self.batches = train_batches(train_set, cfg.train.seed, cfg.train.global_batch_size,
+                                     cfg.train.micro_batch_size, self.grid.dp_rank, self.grid.data,
+                                     consumed_samples=meta["consumed_samples"] if resume else 0)
 
         self.run_info = _run_info(cfg, meta) | {"lineage": self.growth.lineage, "resolved": speed_choices(cfg)}
         if rank == 0:
@@ -131,7 +130,7 @@ class Trainer:
                                            for e in self.growth.lineage))
         unused = self.vocab - self.data.vocab_size
         if unused > max(128, self.vocab // 8):  # more than padding: a vocab set for another tokenizer
-            say(f"the model has {self.vocab} embedding rows, the tokenizer of data.path={cfg.data.path} "
+            say(f"the model has {self.vocab} embedding rows, the tokenizer of {self.data.path} "
                 f"{self.data.vocab_size} tokens: {unused} rows stay unused (the first loss is near "
                 f"ln({self.vocab})={math.log(self.vocab):.1f}, not ln({self.data.vocab_size}))")
         unknown = unknown_deepspeed_keys(cfg)
@@ -165,6 +164,8 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         loss = self.steps.train(self.engine, [m.to(self.dev) for m in self.batches.next_step()])
         self.step += 1
+        for note in self.batches.notes():  # e.g. a blended source starting its next epoch
+            self.monitor.message(note)
         (loss,) = D.all_reduce_mean([loss], self.dev, self.ps.dp_group)
         self.monitor.advance()
         if self.engine.skipped_steps > skipped_before or not math.isfinite(loss):
@@ -185,7 +186,8 @@ class Trainer:
             self.metrics.update(loss=self.loss, loss_avg=self.window.mean(), lr=self.lr,
                                 grad_norm=float(grad_norm) if grad_norm is not None else None,
                                 tokens_per_sec=tokens / elapsed, tflops=self.flops_per_token * tokens / elapsed / 1e12,
-                                samples=self.batches.consumed_samples, skipped_steps=int(self.engine.skipped_steps))
+                                samples=self.batches.consumed_samples, skipped_steps=int(self.engine.skipped_steps),
+                                **self.batches.log_values())  # a blend's realised shares
             self.window.reset()
         if self.metrics:
             self.monitor.log(self.step, self.metrics)

@@ -9,10 +9,10 @@ sections already carry what tensor/pipeline parallelism and growth need.
     validation.py  validate(), padded_vocab_size()
 """
 from .loading import config_from_dict, describe, load_config, parse_override
-from .schema import (TOKEN_KEYS, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, GrowthStage,
-                     LogConfig, ModelConfig, ParallelConfig, TrainConfig)
+from .schema import (TOKEN_KEYS, BlendSource, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
+                     GrowthStage, LogConfig, ModelConfig, ParallelConfig, TrainConfig)
 from .validation import padded_vocab_size, validate
 
-__all__ = ["TOKEN_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "GrowthStage",
-           "LogConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "describe",
+__all__ = ["TOKEN_KEYS", "BlendSource", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
+           "GrowthStage", "LogConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "describe",
            "load_config", "parse_override", "padded_vocab_size", "validate"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 import re
 import types
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .schema import Config, ConfigError, GrowthStage
+from .schema import BlendSource, Config, ConfigError, DataConfig, GrowthStage
 from .validation import validate
 
 
@@ -31,18 +31,26 @@ def _field_docs(cls) -> dict[str, str]:
 def describe() -> str:
     """Every config key with its type, default and docstring (for --help)."""
     lines = []
+
+    def keys(cls, prefix: str) -> None:
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            doc = " ".join(docs.get(f.name, "").split())
+            default = f.default_factory() if f.default is MISSING else f.default
+            lines.append(f"  {prefix}{f.name} = {default!r}  # {doc}")
+            if (cls, f.name) == (DataConfig, "blend"):  # a list: its items' keys
+                keys(BlendSource, "data.blend[].")
+
     for sec in fields(Config):
         if sec.name == "deepspeed":
             lines.append("deepspeed:  # " + " ".join(_field_docs(Config)["deepspeed"].split()))
             lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
-            continue
-        cls = GrowthStage if sec.name == "growth" else sec.default_factory
-        docs = _field_docs(cls)
-        lines.append(f"{sec.name}:" + ("  # a list of stages, each with:" if sec.name == "growth" else ""))
-        for f in fields(cls):
-            doc = " ".join(docs.get(f.name, "").split())
-            name = f"growth[].{f.name}" if sec.name == "growth" else f"{sec.name}.{f.name}"
-            lines.append(f"  {name} = {f.default!r}  # {doc}")
+        elif sec.name == "growth":
+            lines.append("growth:  # a list of stages, each with:")
+            keys(GrowthStage, "growth[].")
+        else:
+            lines.append(f"{sec.name}:")
+            keys(sec.default_factory, f"{sec.name}.")
     return "\n".join(lines)
 
 
@@ -104,22 +112,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _growth(value: Any, origin: str) -> list[GrowthStage]:
-    """The `growth` list: each item a mapping of GrowthStage keys."""
+def _items(value: Any, cls: type, key: str, origin: str, example: str, what: str,
+           required: tuple[str, ...] = ()) -> list:
+    """A list config value (`growth`, `data.blend`): each item a mapping of `cls`'s keys."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ConfigError(f"growth ({origin}) must be a list of stages like "
-                          "[{at_step: 100, qkv_tokens: 256, proj_tokens: 256, ffn_tokens: 1024}]")
-    hints, stages = get_type_hints(GrowthStage), []
+        raise ConfigError(f"{key} ({origin}) must be a list of {what} like {example}")
+    hints, items = get_type_hints(cls), []
     for i, item in enumerate(value):
-        stage = GrowthStage()
-        for key, v in item.items():
-            if key not in hints:
-                raise ConfigError(f"unknown key '{key}' in growth[{i}] ({origin}); keys are: {', '.join(hints)}")
-            setattr(stage, key, _coerce(v, hints[key], f"growth[{i}].{key}"))
-        stages.append(stage)
-    return stages
+        missing = [k for k in required if k not in item]
+        if missing:
+            raise ConfigError(f"{key}[{i}] ({origin}) lacks {' and '.join(missing)}; each item needs "
+                              f"{', '.join(required)}, e.g. {example}")
+        obj = cls()
+        for name, v in item.items():
+            if name not in hints:
+                raise ConfigError(f"unknown key '{name}' in {key}[{i}] ({origin}); keys are: {', '.join(hints)}")
+            setattr(obj, name, _coerce(v, hints[name], f"{key}[{i}].{name}"))
+        items.append(obj)
+    return items
+
+
+def _growth(value: Any, origin: str) -> list[GrowthStage]:
+    return _items(value, GrowthStage, "growth", origin,
+                  "[{at_step: 100, qkv_tokens: 256, proj_tokens: 256, ffn_tokens: 1024}]", "stages")
+
+
+def _blend(value: Any, origin: str) -> list[BlendSource]:
+    # A weight left out would silently count as 1: both keys are required.
+    return _items(value, BlendSource, "data.blend", origin,
+                  "[{path: data/a, weight: 0.7}, {path: data/b, weight: 0.3}]", "sources",
+                  required=("path", "weight"))
 
 
 # YAML 1.1 reads 5e8 or 1e-5 (no dot) as strings; in DeepSpeed's JSON config they are numbers.
@@ -167,6 +191,9 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
     if key not in hints:
         raise ConfigError(
             f"unknown config key '{section}.{key}' ({origin}); keys of '{section}' are: {', '.join(hints)}")
+    if (section, key) == ("data", "blend"):
+        sub.blend = _blend(value, origin)
+        return
     setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 

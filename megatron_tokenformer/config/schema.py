@@ -108,15 +108,32 @@ class TrainConfig:
 
 
 @dataclass
+class BlendSource:
+    path: str = ""
+    """A prepared dataset directory (like data.path); every source must use the same tokenizer."""
+    weight: float = 1.0
+    """This source's share of the training samples (the weights are normalised to sum to 1)."""
+    prepare: Optional[str] = None
+    """The command that builds this path (the error names it when the data is missing)."""
+
+
+@dataclass
 class DataConfig:
     path: str = "data/shakespeare"
-    """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json)."""
+    """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json). Not read when
+    data.blend is given."""
     prepare: Optional[str] = None
     """The command that builds data.path (the error names it when the data is missing)."""
     valid_fraction: float = 0.02
     """Fraction of the samples (the tail of the corpus) held out for validation."""
     verify_checksums: bool = True
     """Check shard and tokenizer sha256 against metadata.json at start-up."""
+    blend: list[BlendSource] = field(default_factory=list)
+    """Train on several prepared datasets mixed by weight, a list of `{path, weight, prepare}` (empty: data.path
+    alone). Sources are interleaved greedily (Megatron's BlendedDataset: each sample comes from the source
+    whose share lags its weight most), so any 1000 consecutive samples match the weights within 1%; a source
+    that runs out starts a new epoch (its own shuffle). Validation interleaves each source's held-out tail
+    with the same weights."""
 
 
 @dataclass

@@ -118,6 +118,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          f"train.exit_after_minutes={t.exit_after_minutes} must be > 0 or null")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
+    _validate_blend(cfg, need)
     need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
     need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
          "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
@@ -157,6 +158,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
              "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+
+
+def _validate_blend(cfg: Config, need) -> None:
+    blend = cfg.data.blend
+    for i, src in enumerate(blend):
+        need(bool(src.path), f"data.blend[{i}] has no path; give each source as {{path: data/NAME, weight: W}}")
+        need(math.isfinite(src.weight) and src.weight >= 0,
+             f"data.blend[{i}].weight={src.weight} must be a number >= 0")
+        first = next(j for j, other in enumerate(blend) if other.path == src.path)
+        need(first == i, f"data.blend[{i}].path={src.path} repeats data.blend[{first}].path; give each dataset once "
+                         "(with the weights added up)")
+    if blend:
+        need(sum(s.weight for s in blend) > 0, "the data.blend weights sum to 0; give at least one source a "
+                                               "positive weight")
 
 
 def padded_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:

@@ -68,28 +68,30 @@ def _builds(recipe: str, path: str | Path) -> bool:
     return all(Path(out).resolve() == Path(path).resolve() for out in outputs)
 
 
-def load_meta(path: str | Path, verify: bool = True, recipe: str | None = None) -> DatasetMeta:
+def load_meta(path: str | Path, verify: bool = True, recipe: str | None = None,
+              key: str = "data.path") -> DatasetMeta:
     """Load and check ``metadata.json``; with ``verify`` also checksum shards and tokenizer.
 
     Size checks are always done (cheap, catch truncated copies); checksums cost one
     read of the data and catch silent corruption or a swapped tokenizer. ``recipe`` is the
     command that builds ``path`` (config key data.prepare); the errors name it unless it
-    writes somewhere else.
+    writes somewhere else. ``key`` is the config key that names ``path`` (a blend source's differs).
     """
+    recipe_key = key.rsplit(".", 1)[0] + ".prepare"
     root = Path(path)
     meta_file = root / METADATA_FILE
     if recipe is not None and not _builds(recipe, path):
         recipe = None
     command = recipe or prepare_command(path)
     if not root.is_dir():
-        how = (f"build it with `{recipe}` (config key data.prepare), or from your own text files with "
+        how = (f"build it with `{recipe}` (config key {recipe_key}), or from your own text files with "
                f"`{prepare_command(path)}`" if recipe else f"build it with `{command}`")
-        raise DataError(f"dataset directory '{root}' (config key data.path) does not exist; {how} "
-                        f"(or point data.path at a prepared dataset)")
+        raise DataError(f"dataset directory '{root}' (config key {key}) does not exist; {how} "
+                        f"(or point {key} at a prepared dataset)")
     if not meta_file.is_file():
         raise DataError(
-            f"'{meta_file}' not found: '{root}' (config key data.path) is not a prepared dataset; "
-            f"point data.path at a prepared dataset, or build one with `{command}` into a new or empty "
+            f"'{meta_file}' not found: '{root}' (config key {key}) is not a prepared dataset; "
+            f"point {key} at a prepared dataset, or build one with `{command}` into a new or empty "
             f"directory")
     rerun = f"re-run `{command}` with --force"  # for a damaged dataset
     try:
@@ -272,6 +274,14 @@ class TrainBatches:
             out.append(self.samples.batch(self.sample_indices(range(first, first + mbs))))
         self._consumed += self.global_batch_size
         return out
+
+    def notes(self) -> list[str]:
+        """Lines for the user about the last step's data (a blend's source epochs); none here."""
+        return []
+
+    def log_values(self) -> dict:
+        """Values for the metrics row (a blend's realised shares); none here."""
+        return {}
 
 
 def valid_batches(samples: SampleSet, micro_batch_size: int, dp_rank: int, dp_size: int,
