@@ -169,3 +169,11 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: every rank reaches here before any tears it down (a rank
+    exiting while another still talks to it can abort the other at exit)."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

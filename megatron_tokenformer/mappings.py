@@ -56,6 +56,11 @@ def _record(op: str, phase: str, full: torch.Tensor, group, factor: float) -> No
         _counter[(op, phase)] += full.numel() * full.element_size() * factor * (p - 1) / p
 
 
+# torch 2.10+ names them *_single and deprecates the older names, which torch 2.4-2.9 need.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_reduce(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
     _record(op, phase, x, group, 2.0)
     x = x.contiguous()
@@ -68,7 +73,7 @@ def _gather_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
     src = x.movedim(-1, 0).contiguous()
     out = torch.empty((p * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, out, group, 1.0)
-    dist.all_gather_into_tensor(out, src, group=group)
+    _all_gather_into(out, src, group=group)
     return out.movedim(0, -1)
 
 
@@ -77,7 +82,7 @@ def _reduce_scatter_last(x: torch.Tensor, group, phase: str, op: str) -> torch.T
     src = x.movedim(-1, 0).contiguous()
     out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, src, group, 1.0)
-    dist.reduce_scatter_tensor(out, src, group=group)
+    _reduce_scatter_into(out, src, group=group)
     return out.movedim(0, -1)
 
 

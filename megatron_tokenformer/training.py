@@ -263,6 +263,7 @@ class Trainer:
         self.stops.restore()
         if self.lock is not None:
             self.lock.release()
+        D.shutdown()
         return self.last
 
     def summary(self) -> dict:
