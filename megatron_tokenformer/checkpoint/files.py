@@ -73,14 +73,15 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 def write_piece(directory: Path, layer: int, tp_rank: int, dp_rank: int, tensors: dict, offsets: dict,
-                shapes: dict, dims: dict, taus: dict) -> None:
+                shapes: dict, dims: dict, taus: dict) -> Path:
     """One data-parallel piece of a layer file: tensors by key (weights by global name, moments as
     `<moment>/<name>`), each a flat range of the parameter's tensor shard starting at offsets[name].
     Every piece's metadata lists all the layer's parameters (shape of the tensor shard, partition
     dim) and each Pattention's extra state (tau), so any one piece describes the layer."""
-    save_safetensors(tensors, directory / layer_file(layer, tp_rank, dp_rank),
-                     {"partition_dim": json.dumps(dims), "shape": json.dumps(shapes), "offset": json.dumps(offsets),
-                      "extra_state": json.dumps(taus)})
+    path = directory / layer_file(layer, tp_rank, dp_rank)
+    save_safetensors(tensors, path, {"partition_dim": json.dumps(dims), "shape": json.dumps(shapes),
+                                     "offset": json.dumps(offsets), "extra_state": json.dumps(taus)})
+    return path
 
 
 class ShardReader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import distributed as D
 from ..config import TOKEN_KEYS, Config
@@ -22,7 +23,7 @@ from ..pipeline import global_name
 from ..seeding import rng_state, seed_dropout, set_rng_state
 from .files import (FORMAT_VERSION, MOMENTS, PARTIAL, SHAPE_FIELDS, CheckpointError, ShardReader, check_format,
                     layer_of, save_safetensors, tag_for, write_meta, write_piece)
-from .integrity import commit, mark_latest, newest_good, prune, resolve, staging
+from .integrity import commit, file_entry, mark_latest, newest_good, prune, resolve, staging
 
 
 def _global_names(module: torch.nn.Module, num_layers: int, pipelined: bool, modules: bool = False):
@@ -37,6 +38,15 @@ def _layout(grid: D.Grid, cfg: Config) -> dict:
     return {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data, "zero_stage": cfg.parallel.zero_stage}
 
 
+def _gather(entries: dict) -> dict:
+    """Every rank's dict merged on rank 0 (a collective; a barrier too: every rank has finished)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return entries
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(entries, out, dst=0)
+    return {k: v for d in out for k, v in d.items()} if out else {}
+
+
 def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, run_info: dict,
          vocab_size: int, tokenizer_sha256: str, extra_meta: dict | None = None) -> Path:
     ckpt_dir = cfg.checkpoint_dir
@@ -46,6 +56,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
         tmp = staging(ckpt_dir / tag) if grid.rank == 0 else ckpt_dir / (tag + PARTIAL)
         D.barrier()
         opt = OptimizerState(engine)
+        written: list[Path] = []
         by_layer: dict[int, list] = {}
         for name, p in _global_names(engine.module, L, pipelined):
             if pipelined and name.startswith("embed.") and grid.pp_rank > 0:
@@ -62,10 +73,12 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     for k, v in part[1].items():
                         tensors[f"{k}/{name}" if k else name] = v
             # every rank writes its piece, even an empty one: any piece describes the layer
-            write_piece(tmp, layer, grid.tp_rank, grid.dp_rank, tensors, offsets, shapes, dims,
-                        {m: s for m, s in taus.items() if layer_of(m, L) == layer})
-        save_safetensors(rng_state(), tmp / f"rng-{grid.rank:05d}.safetensors", {})
-        D.barrier()
+            written.append(write_piece(tmp, layer, grid.tp_rank, grid.dp_rank, tensors, offsets, shapes, dims,
+                                       {m: s for m, s in taus.items() if layer_of(m, L) == layer}))
+        written.append(tmp / f"rng-{grid.rank:05d}.safetensors")
+        save_safetensors(rng_state(), written[-1], {})
+        # each rank fsyncs and hashes what it wrote: the manifest's cost is shared like the writing
+        known = _gather({f.name: file_entry(f) for f in written})
         if grid.rank == 0:
             sched = engine.lr_scheduler.state_dict()
             meta = {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
@@ -75,7 +88,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     "world_size": grid.world_size, "layout": _layout(grid, cfg),
                     "config": cfg.to_dict(), "run_info": run_info, **(extra_meta or {})}
             write_meta(tmp, meta)
-            commit(tmp, ckpt_dir / tag, replace=True)  # the same step saved again (a resumed run)
+            commit(tmp, ckpt_dir / tag, replace=True, known=known)  # the same step saved again (a resumed run)
             mark_latest(ckpt_dir, tag)
             prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
     except (OSError, RuntimeError) as e:  # torch's and safetensors' writers report a full disk as RuntimeError
