@@ -92,8 +92,9 @@ def _as_format_2(src, dst):
                 for name in names:
                     t = values[name]
                     tensors[prefix + name] = (t if dims[name] is None else t.chunk(T, dims[name])[tp]).contiguous()
+            layer_dims = json.dumps({n: dims[n] for n in names})
             save_safetensors(tensors, dst / f"layer_{layer:03d}-tp{tp:02d}.safetensors",
-                             {"partition_dim": json.dumps({n: dims[n] for n in names}), "extra_state": json.dumps(taus)})
+                             {"partition_dim": layer_dims, "extra_state": json.dumps(taus)})
     (dst / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
     write_manifest(dst)
 

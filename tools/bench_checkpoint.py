@@ -99,7 +99,8 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(rank)
     for _ in range(cfg.train.global_batch_size // (cfg.train.micro_batch_size * grid.data)):
-        ids = torch.randint(0, data["vocab_size"], (cfg.train.micro_batch_size, cfg.model.seq_length + 1), generator=gen)
+        shape = (cfg.train.micro_batch_size, cfg.model.seq_length + 1)
+        ids = torch.randint(0, data["vocab_size"], shape, generator=gen)
         engine.backward(engine(ids[:, :-1], ids[:, 1:]))
         engine.step()
 

@@ -20,9 +20,9 @@ Layout of `checkpoint.dir`:
 
 Nothing in reading a checkpoint depends on the data-parallel size, the ZeRO stage or the pipeline
 cut (the pieces are addressed by offset, whatever wrote them): a parameter's shard is re-sliced
-from the tensor shards on load (docs/DESIGN.md section 7), so a run saved at (tensor a, pipeline b, data c, ZeRO z) resumes at any other
-layout with its weights, Adam moments, step, LR schedule and data position. At the same layout it
-continues bit-exactly.
+from the tensor shards on load (docs/DESIGN.md section 7), so a run saved at (tensor a, pipeline b,
+data c, ZeRO z) resumes at any other layout with its weights, Adam moments, step, LR schedule and
+data position. At the same layout it continues bit-exactly.
 
 The package's modules, one job each:
     files.py      the format: names, layer files, meta.json, reading any slice of a global tensor

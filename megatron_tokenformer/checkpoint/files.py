@@ -55,8 +55,8 @@ def write_meta(directory: Path, meta: dict) -> None:
 def check_format(meta: dict, where: Path) -> None:
     if meta.get("format_version") not in READS:
         raise CheckpointError(f"checkpoint {where} has format version {meta.get('format_version')}; this version "
-                              f"reads {' and '.join(map(str, READS))}. Train into a new checkpoint.dir (or log.dir), or resume it "
-                              "with the release that wrote it")
+                              f"reads {' and '.join(map(str, READS))}. Train into a new checkpoint.dir (or "
+                              "log.dir), or resume it with the release that wrote it")
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
