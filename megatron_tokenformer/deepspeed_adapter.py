@@ -4,7 +4,10 @@ The rest of the package talks to DeepSpeed through its public API (`deepspeed.in
 engine's train/eval/step methods, `deepspeed.utils.safe_*`). What that API does not offer, and
 this module reaches for:
 - `param._hp_mapping`: whether ZeRO-1/2 or the bf16 optimizer holds a parameter's fp32 master in
-  its flat partitions (then the safe_* accessors read it);
+  its flat partitions (then the safe_* accessors read it); and, to save without gathering, the
+  fragment this rank owns (`tensor_fragment`: `lp_fragment_address.start`/`.numel`, where it lies
+  in the flattened parameter; `hp_fragment`, its fp32 master; `get_hp_fragment(key)`, its Adam
+  moments), None where this rank's partition holds none of the parameter;
 - `optimizer._lazy_init_hp_params_optimizer_state()`: after creating the Adam state that torch
   creates lazily, point each parameter's fragments at it;
 - the dynamic loss scaler's fields (`cur_scale`, `cur_iter`, `last_overflow_iter`,
@@ -72,6 +75,37 @@ class OptimizerState:
             out = {"": p.detach().float(), **{k: st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)
                                                for k in MOMENTS}}
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+    def local(self, p: torch.nn.Parameter, dp_rank: int, dp_size: int) -> tuple[int, dict] | None:
+        """This rank's part of `p`'s fp32 master weight and Adam moments, read without communication:
+        (offset in the flattened parameter, {"": weight, "exp_avg": ..., "exp_avg_sq": ...} as flat
+        fp32 ranges), or None if this rank holds no part. ZeRO-1/2 / bf16: the fragment of this rank's
+        flat partition (its ZeRO partition, so the ranks' parts tile the parameter). torch's AdamW
+        (every rank holds everything): range `dp_rank` of `dp_size` equal contiguous ranges. The
+        ranges are views into the live state: write or copy them before the next step."""
+        if hasattr(p, "_hp_mapping"):
+            frag = p._hp_mapping
+            if frag is None:
+                return None
+            out = {"": frag.hp_fragment}
+            for k in MOMENTS:
+                out[k] = frag.get_hp_fragment(k) if self.have_state else torch.zeros_like(frag.hp_fragment)
+            offset = frag.lp_fragment_address.start
+        else:
+            if p.dtype != torch.float32:  # never save a rounded copy as the master weights
+                raise MasterWeightsUnreadable(
+                    f"{type(self.opt).__name__} keeps the fp32 master weights where checkpoints cannot read them "
+                    "per parameter; use parallel.zero_stage>=1")
+            n = p.numel()
+            offset, end = n * dp_rank // dp_size, n * (dp_rank + 1) // dp_size
+            if offset == end:
+                return None
+            st = self.base.state.get(p, {})
+            out = {"": p.detach()}
+            for k in MOMENTS:
+                out[k] = st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)
+            out = {k: v.reshape(-1)[offset:end] for k, v in out.items()}
+        return offset, {k: v.detach().reshape(-1).to("cpu", torch.float32) for k, v in out.items()}
 
     def prepare(self, step: int) -> None:
         """Create the Adam state torch creates lazily at the first step, with `step` as its count."""
@@ -218,6 +252,14 @@ def check_internals(engine=None) -> None:
         missing.append(f"DynamicLossScaler's constructor ({e})")
     if not {"zero_optimization", "bf16", "flops_profiler", "comms_logger"} <= known_config_keys():
         missing.append("DeepSpeedConfig's reads of its dict (known_config_keys sees too few keys)")
+    from deepspeed.utils.tensor_fragment import fragment_address, tensor_fragment
+
+    fields = getattr(tensor_fragment, "__dataclass_fields__", {})
+    missing += [f"tensor_fragment.{k}" for k in ("lp_fragment_address", "hp_fragment") if k not in fields]
+    if not hasattr(tensor_fragment, "get_hp_fragment"):
+        missing.append("tensor_fragment.get_hp_fragment")
+    missing += [f"fragment_address.{k}" for k in ("start", "numel")
+                if k not in getattr(fragment_address, "__dataclass_fields__", {})]
     if engine is not None:
         missing += [f"DeepSpeedEngine.{k}" for k in ENGINE_COUNTERS if not hasattr(engine, k)]
         if type(engine.optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
@@ -225,6 +267,9 @@ def check_internals(engine=None) -> None:
                 missing.append(f"{type(engine.optimizer).__name__}._lazy_init_hp_params_optimizer_state")
             if not all(hasattr(p, "_hp_mapping") for p in engine.module.parameters()):
                 missing.append("parameter._hp_mapping (set by ZeRO-1/2 and bf16)")
+            frags = [p._hp_mapping for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]
+            if not frags or not all(isinstance(f, tensor_fragment) for f in frags):
+                missing.append("parameter._hp_mapping as a tensor_fragment (this rank's part of the partition)")
     if missing:
         raise DeepSpeedChanged(
             f"DeepSpeed {deepspeed.__version__} lacks internals this package was checked against in {CHECKED_WITH}: "

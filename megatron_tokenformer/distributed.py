@@ -158,6 +158,15 @@ def all_reduce_max(value: int, dev: torch.device) -> int:
     return int(t.item())
 
 
+def gather_dicts(entries: dict) -> dict:
+    """Every rank's dict merged on rank 0 (empty elsewhere); a collective, so a barrier too."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return entries
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(entries, out, dst=0)
+    return {k: v for d in out for k, v in d.items()} if out else {}
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

@@ -90,7 +90,7 @@ def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
     ckpt = _copy(runs["single"], tmp_path / "ckpt")
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002", "step_00000003"]
     assert verify(ckpt / "step_00000003") is None and newest_good(ckpt) == "step_00000003"
-    model_file = ckpt / "step_00000003" / "layer_002-tp00.safetensors"
+    model_file = ckpt / "step_00000003" / "layer_002-tp00-dp00.safetensors"
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     model_file.write_bytes(bytes(data))
@@ -115,14 +115,14 @@ def test_damage_is_detected_and_the_newest_good_one_is_taken(runs, tmp_path):
     meta_path = ckpt / "step_00000002" / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 1}))
     write_manifest(ckpt / "step_00000002")
-    with pytest.raises(CheckpointError, match="format version 1; this version reads 2. Train into a new"):
+    with pytest.raises(CheckpointError, match="format version 1; this version reads 2 and 3. Train into a new"):
         global_state_dict(ckpt / "step_00000002")
 
 
 def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
     run = tmp_path / "run"
     _copy(runs["single"], run / "checkpoints")
-    victim = run / "checkpoints" / "step_00000003" / "layer_002-tp00.safetensors"
+    victim = run / "checkpoints" / "step_00000003" / "layer_002-tp00-dp00.safetensors"
     victim.write_bytes(victim.read_bytes()[:-10])
     out = launch(DEEP + [f"data.path={corpus}", f"log.dir={run}", "train.steps=4"], launcher="python")
     text = out.stdout + out.stderr

@@ -45,6 +45,19 @@ def _check_engine(rank, world, overrides):
         back = opt.get(p)
         for k in new:  # the fp32 master and both moments round-trip exactly, whatever the working dtype
             assert torch.equal(back[k], new[k]), k
+        # this rank's part, read without communication, is its range of the full tensors, and the
+        # ranks' ranges tile the parameter exactly (a checkpoint holds every value once)
+        part = opt.local(p, rank, world)
+        ranges = [None] * world
+        torch.distributed.all_gather_object(ranges, None if part is None else (part[0], part[1][""].numel()))
+        if part is not None:
+            for k in new:
+                assert torch.equal(part[1][k], new[k].reshape(-1)[part[0]:part[0] + part[1][k].numel()]), k
+        ends = 0
+        for start, n in sorted(r for r in ranges if r is not None):
+            assert start == ends and n > 0
+            ends = start + n
+        assert ends == p.numel()
 
 
 @pytest.mark.parametrize("overrides", [["parallel.zero_stage=0"], ["parallel.zero_stage=1"],

@@ -38,12 +38,20 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def write_manifest(path: Path) -> None:
-    """fsync every file of a checkpoint directory and list its size and sha256 in manifest.json."""
-    files = {}
+def file_entry(f: Path) -> dict:
+    """fsync a written file; its manifest entry."""
+    fsync_path(f)
+    return {"size": f.stat().st_size, "sha256": sha256_file(f)}
+
+
+def write_manifest(path: Path, known: dict | None = None) -> None:
+    """fsync every file of a checkpoint directory and list its size and sha256 in manifest.json.
+    `known`: entries (`file_entry`) already made by the ranks that wrote those files, so that the
+    hashing is shared out rather than all done here."""
+    files, known = {}, known or {}
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        fsync_path(f)
-        files[str(f.relative_to(path))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        name = str(f.relative_to(path))
+        files[name] = known[name] if name in known else file_entry(f)
     atomic_write_text(path / "manifest.json", json.dumps({"files": files}, indent=1))
     fsync_path(path)
 
@@ -57,11 +65,11 @@ def staging(dst: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, dst: Path, replace: bool = False) -> None:
+def commit(tmp: Path, dst: Path, replace: bool = False, known: dict | None = None) -> None:
     """Make the fully written staging directory `tmp` the checkpoint `dst`, atomically: manifest,
     rename, fsync of the parent. `replace`: an existing `dst` (the same step saved again by a
-    resumed run) is replaced; otherwise it is an error."""
-    write_manifest(tmp)
+    resumed run) is replaced; otherwise it is an error. `known`: see `write_manifest`."""
+    write_manifest(tmp, known)
     if dst.exists():
         if not replace:
             raise CheckpointError(f"{dst} already exists; nothing was overwritten")

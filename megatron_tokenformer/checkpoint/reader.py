@@ -21,11 +21,8 @@ def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, d
     shards = ShardReader(where, meta)
     state, moms, dims = {}, {k: {} for k in MOMENTS}, {}
     for layer in range(shards.L + 2):
-        f = shards.file(layer, 0)
         dims.update(shards.metadata(layer, "partition_dim"))
-        for key in f.keys():
-            if "/" in key:
-                continue
+        for key in shards.names(layer):
             state[key] = shards.read(key, key)
             if moments:
                 for k in MOMENTS:

@@ -1,8 +1,11 @@
 """Saving from and loading into a running DeepSpeed engine, at any parallel layout.
 
-Every rank takes part: the optimizer state of ZeRO-1/2 is read and written through collectives
-over data parallel (`deepspeed_adapter.OptimizerState`), the first data-parallel rank of each
-(tensor, pipeline) pair writes its layers' files, rank 0 writes meta.json and commits.
+Saving: every rank writes its own part of the fp32 master weights and Adam moments, one piece per
+layer (`deepspeed_adapter.OptimizerState.local`: its ZeRO partition, or with every rank holding
+everything a 1/D range of each parameter), with no collective but the barriers around it, so save
+time and memory per rank do not grow with the data-parallel size; rank 0 writes meta.json and
+commits. Loading: each rank reads its tensor shard of every parameter it holds and sets it through
+DeepSpeed's per-parameter accessors, which keep only this rank's partition.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from ..pattention import Pattention
 from ..pipeline import global_name
 from ..seeding import rng_state, seed_dropout, set_rng_state
 from .files import (FORMAT_VERSION, MOMENTS, PARTIAL, SHAPE_FIELDS, CheckpointError, ShardReader, check_format,
-                    layer_of, save_safetensors, tag_for, write_layer, write_meta)
-from .integrity import commit, mark_latest, newest_good, prune, resolve, staging
+                    layer_of, save_safetensors, tag_for, write_meta, write_piece)
+from .integrity import commit, file_entry, mark_latest, newest_good, prune, resolve, staging
 
 
 def _global_names(module: torch.nn.Module, num_layers: int, pipelined: bool, modules: bool = False):
@@ -43,7 +46,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
         tmp = staging(ckpt_dir / tag) if grid.rank == 0 else ckpt_dir / (tag + PARTIAL)
         D.barrier()
         opt = OptimizerState(engine)
-        writer = grid.dp_rank == 0
+        written: list[Path] = []
         by_layer: dict[int, list] = {}
         for name, p in _global_names(engine.module, L, pipelined):
             if pipelined and name.startswith("embed.") and grid.pp_rank > 0:
@@ -51,16 +54,21 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
             by_layer.setdefault(layer_of(name, L), []).append((name, p))
         taus = {name: m.get_extra_state() for name, m in _global_names(engine.module, L, pipelined, modules=True)}
         for layer, params in by_layer.items():  # one layer at a time: bounded host memory
-            tensors, dims = {}, {}
+            tensors, offsets, shapes, dims = {}, {}, {}, {}
             for name, p in params:
-                for k, v in opt.get(p).items():  # a collective over data parallel
-                    tensors[f"{k}/{name}" if k else name] = v
-                dims[name] = getattr(p, "partition_dim", None)
-            if writer:
-                write_layer(tmp, layer, grid.tp_rank, tensors, dims,
-                            {m: s for m, s in taus.items() if layer_of(m, L) == layer})
-        save_safetensors(rng_state(), tmp / f"rng-{grid.rank:05d}.safetensors", {})
-        D.barrier()
+                shapes[name], dims[name] = list(p.shape), getattr(p, "partition_dim", None)
+                part = opt.local(p, grid.dp_rank, grid.data)
+                if part is not None:
+                    offsets[name] = part[0]
+                    for k, v in part[1].items():
+                        tensors[f"{k}/{name}" if k else name] = v
+            # every rank writes its piece, even an empty one: any piece describes the layer
+            written.append(write_piece(tmp, layer, grid.tp_rank, grid.dp_rank, tensors, offsets, shapes, dims,
+                                       {m: s for m, s in taus.items() if layer_of(m, L) == layer}))
+        written.append(tmp / f"rng-{grid.rank:05d}.safetensors")
+        save_safetensors(rng_state(), written[-1], {})
+        # each rank fsyncs and hashes what it wrote: the manifest's cost is shared like the writing
+        known = D.gather_dicts({f.name: file_entry(f) for f in written})
         if grid.rank == 0:
             sched = engine.lr_scheduler.state_dict()
             meta = {"format_version": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
@@ -70,7 +78,7 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     "world_size": grid.world_size, "layout": _layout(grid, cfg),
                     "config": cfg.to_dict(), "run_info": run_info, **(extra_meta or {})}
             write_meta(tmp, meta)
-            commit(tmp, ckpt_dir / tag, replace=True)  # the same step saved again (a resumed run)
+            commit(tmp, ckpt_dir / tag, replace=True, known=known)  # the same step saved again (a resumed run)
             mark_latest(ckpt_dir, tag)
             prune(ckpt_dir, cfg.checkpoint.keep_last, keep=tag)
     except (OSError, RuntimeError) as e:  # torch's and safetensors' writers report a full disk as RuntimeError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.files import PARTIAL, layer_of, tag_for, write_layer, write_meta
+from ..checkpoint.files import FORMAT_VERSION, PARTIAL, layer_of, tag_for, write_meta, write_piece
 from ..checkpoint.integrity import commit, staging
 from ..checkpoint.reader import global_state
 from ..config import TOKEN_KEYS, ModelConfig, config_from_dict
@@ -128,13 +128,15 @@ def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None
         taus = {k.removesuffix("._extra_state"): v for k, v in state.items()
                 if k.endswith("._extra_state") and layer_of(k, L) == layer}
         layer_dims = {n: dims.get(n) for n in names}
-        for tp in range(T):
-            tensors = {}
+        for tp in range(T):  # one data-parallel piece per tensor shard: each tensor whole, at offset 0
+            tensors, shapes = {}, {}
             for name in names:
                 for prefix, src in (("", state), *((f"{k}/", m) for k, m in moments.items())):
                     t, d = src[name], layer_dims[name]
-                    tensors[prefix + name] = (t.chunk(T, d)[tp] if d is not None else t).contiguous()
-            write_layer(tmp, layer, tp, tensors, layer_dims, taus)
+                    shard = t.chunk(T, d)[tp] if d is not None else t
+                    shapes[name] = list(shard.shape)
+                    tensors[prefix + name] = shard.contiguous().reshape(-1)
+            write_piece(tmp, layer, tp, 0, tensors, dict.fromkeys(names, 0), shapes, layer_dims, taus)
     write_meta(tmp, meta)
     commit(tmp, dst)
 
@@ -166,7 +168,8 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
     new_meta = dict(meta)
     new_meta["config"] = {**meta["config"], "model": dataclasses.asdict(new_model)}
     new_meta["layout"] = {**meta["layout"], "pipeline": 1, "data": 1}  # files hold no pipeline/data split
-    new_meta.update(scheduler=None, schedule_start=meta["step"], lineage=[*meta.get("lineage", []), entry],
+    new_meta.update(format_version=FORMAT_VERSION, scheduler=None, schedule_start=meta["step"],  # a 2 is written as 3
+                    lineage=[*meta.get("lineage", []), entry],
                     optimizer_step=0 if opts.reset_optimizer else meta["optimizer_step"])
     dims = meta["partition_dims"]
     new_meta.pop("partition_dims")
