@@ -3,6 +3,7 @@
 Also runs under `torchrun --nproc_per_node N` and as plain `python` (one process).
 """
 import argparse
+import logging
 import os
 import sys
 
@@ -23,7 +24,14 @@ def main() -> None:
     parser.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=20 parallel.zero_stage=2")
     args = parser.parse_args()
-    sys.exit(run(args.config, args.overrides, args.help_config))
+    code = run(args.config, args.overrides, args.help_config)
+    # The run is over and saved: leave without the interpreter's teardown, where a C++ thread left by
+    # DeepSpeed's engine (seen on gloo) can abort the process ("terminate called without an active
+    # exception") and turn a finished run into a failed one.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

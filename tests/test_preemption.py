@@ -186,5 +186,6 @@ def test_two_nodes_on_one_machine_train_the_single_process_model(corpus, tmp_pat
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (step, got, want)
     ckpt = run / "checkpoints" / f"step_{4:08d}"
     assert sorted(p.name for p in ckpt.glob("rng-*")) == [f"rng-{r:05d}.safetensors" for r in range(4)]
-    assert sorted(p.name for p in ckpt.glob("layer_001-*")) == ["layer_001-tp00.safetensors",
-                                                                 "layer_001-tp01.safetensors"]
+    # one piece per (tensor rank, data-parallel rank): data-parallel rank 1 lives on the second node
+    assert sorted(p.name for p in ckpt.glob("layer_001-*")) == [f"layer_001-tp{t:02d}-dp{d:02d}.safetensors"
+                                                                 for t in range(2) for d in range(2)]
