@@ -181,8 +181,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group together: every rank reaches here before any tears it down (a rank
-    exiting while another still talks to it can abort the other at exit)."""
+    """Leave the process group together at the end of a run: every rank has finished before any
+    tears it down (the launch script then exits without the interpreter's teardown)."""
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()

@@ -1,8 +1,10 @@
-"""Durable file writes and checksums, shared by checkpoints, growth, export and data preparation."""
+"""Durable file writes, checksums and the run-directory lock, shared by checkpoints, growth, export,
+data preparation and the training loop."""
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import socket
@@ -41,12 +43,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
+def _umask() -> int:
+    # Reading the umask means setting it: do it once, not while W&B's or DeepSpeed's threads
+    # may be creating files (the umask is process-wide).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def umask_mode(executable: bool = False) -> int:
     """The mode an ordinary new file gets under this process's umask (0644 under the usual 022):
     writers that create files 0600 (safetensors) are brought to it, so outputs are consistent."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if executable else 0o666) & ~mask
+    return (0o777 if executable else 0o666) & ~_umask()
 
 
 class LockError(UserError):

@@ -18,7 +18,7 @@ import sentencepiece as spm
 import torch
 
 from ..errors import UserError
-from ..fileio import sha256_file  # noqa: F401 - prepare.py imports it from here too
+from ..fileio import sha256_file
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"

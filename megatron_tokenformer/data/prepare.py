@@ -24,10 +24,11 @@ import numpy as np
 import pyarrow.compute as pc
 import sentencepiece as spm
 
+from ..fileio import sha256_file
 from .dataset import (DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
-                      DatasetMeta, load_meta, sha256_file)
-from .sources import (SHAKESPEARE_SOURCE, Log, _text_column, fetch_shakespeare, load_hub_stream, load_local,
-                      resolve_inputs)
+                      DatasetMeta, load_meta)
+from .sources import (SHAKESPEARE_SOURCE, Log, fetch_shakespeare, load_hub_stream, load_local, resolve_inputs,
+                      text_column)
 
 DEFAULT_OUTPUT = DEFAULT_PATH  # the built-in corpus goes where data.path points by default
 DEFAULT_VOCAB_SIZE = 4096
@@ -39,7 +40,6 @@ TOKENIZER_TRAIN_CHARS = 200_000_000
 TOKENIZER_TRAIN_LINES = 2_000_000
 # Fixed, not --num-proc: the trained model depends on the trainer's thread count.
 TOKENIZER_TRAIN_THREADS = 4
-
 
 
 def default_num_proc() -> int:
@@ -85,7 +85,7 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
                 except Exception as e:  # network, name or split problems: report them, no traceback
                     raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
                                     f"{type(e).__name__}: {e}") from e
-                return _text_column(ds, text_key, f"dataset {hf_dataset!r}")
+                return text_column(ds, text_key, f"dataset {hf_dataset!r}")
     return _run(Path(output), source, load, tokenizer, vocab_size, num_proc, shard_size, force, log)
 
 

@@ -152,7 +152,7 @@ def load_local(files: Sequence[Path], text_key: str, cache_dir: Path) -> dataset
             detail = (str(cause).strip().splitlines() or [""])[0]
             raise DataError(f"{shown} could not be read ({type(cause).__name__}: {detail}); fix or "
                             f"leave out the bad file (--input)") from e
-        parts.append(_text_column(ds, "text" if builder == "text" else text_key, f"{builder} files"))
+        parts.append(text_column(ds, "text" if builder == "text" else text_key, f"{builder} files"))
     if not parts:
         raise DataError("empty corpus: the input files hold no records")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -251,7 +251,8 @@ def _first_json_record(f: Path) -> dict | None:
     return record
 
 
-def _text_column(ds: datasets.Dataset, text_key: str, what: str) -> datasets.Dataset:
+def text_column(ds: datasets.Dataset, text_key: str, what: str) -> datasets.Dataset:
+    """`ds` reduced to its text column, named "text" (`what` names the input in the error)."""
     if text_key not in ds.column_names:
         raise DataError(f"{what} have no column {text_key!r} (columns: {ds.column_names}); "
                         f"choose the text column with --text-key")
