@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+HF = ["transformers>=4.56"]  # export to, and load from, Hugging Face transformers
+EVAL = ["lm-eval>=0.4.8,<0.5"]  # zero-shot tasks through EleutherAI's harness
+
 setup(
     name="megatron_tokenformer",
     version="0.1.0",
@@ -18,7 +21,13 @@ setup(
         "wandb>=0.18",
         "tqdm",
         "safetensors",
+        "tokenizers>=0.19",  # the GPT-NeoX tokenizer of the released models
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"], "experiments": ["matplotlib"],
-                    "data": ["zstandard"]},  # the Pile's .jsonl.zst files
+    extras_require={
+        "hf": HF,
+        "eval": EVAL,
+        "dev": ["pytest>=8", "pytest-timeout", *HF, *EVAL],  # the tests cover export and evaluation
+        "experiments": ["matplotlib"],
+        "data": ["zstandard"],  # the Pile's .jsonl.zst files
+    },
 )
