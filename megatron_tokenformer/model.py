@@ -34,10 +34,11 @@ class Rotary(nn.Module):
         self.dim = dim
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2).float() / dim), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k, whose first position is `offset` (non-zero when decoding with a cache)."""
         if self.dim == 0:
             return q, k
-        t = torch.arange(q.shape[-2], device=q.device, dtype=torch.float32)
+        t = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(q.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
@@ -48,6 +49,30 @@ class Rotary(nn.Module):
             return torch.cat((xr * cos + torch.cat((-x2, x1), dim=-1) * sin, xp), dim=-1)
 
         return rot(q), rot(k)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per block, for incremental decoding.
+
+    The interface is that of transformers' `DynamicCache` (`update`, `get_seq_length`), so the
+    Hugging Face export passes its own cache straight through the same model code."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, heads, T, head_dim) keys and values of block `layer_idx`; return all so far."""
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=-2)
+            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
 class Block(nn.Module):
@@ -70,15 +95,21 @@ class Block(nn.Module):
         self.rotary = Rotary(int(self.head_dim * cfg.rotary_pct), cfg.rotary_base)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cache=None, layer_idx: int = 0, offset: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(3, b, t, self.num_heads, self.head_dim).transpose(2, 3).unbind(0)
-        q, k = self.rotary(q, k)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = self.rotary(q, k, offset)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.update(k, v, layer_idx)
+            # Query i sits at position offset + i and sees keys 0 .. offset + i.
+            mask = torch.ones(t, k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - t)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.ln1(x)))
+    def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0, offset: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.ln1(x), cache, layer_idx, offset))
         return x + self.dropout(self.ffn(self.ln2(x)))
 
 
@@ -97,7 +128,8 @@ class FinalNorm(nn.Module):
 
 
 class TokenFormerModel(nn.Module):
-    """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss."""
+    """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss.
+    With a `cache` (KVCache, or transformers' DynamicCache) input_ids continue the cached positions."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None):
         super().__init__()
@@ -107,13 +139,14 @@ class TokenFormerModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, tp_group, seed=seeds[1 + i]) for i in range(cfg.num_layers))
         self.final_norm = FinalNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         x = self.embed(input_ids)
-        for block in self.blocks:
+        offset = cache.get_seq_length() if cache is not None else 0  # before layer 0 appends to it
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache, i, offset)
         logits = self.embed.logits(self.final_norm(x))  # tied output embedding
         if labels is None:
             return logits
