@@ -31,13 +31,15 @@ def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
 
 def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, dict]:
     """A checkpoint of any layout as global tensors: (weights by TokenFormerModel name, incl. each
-    Pattention's `._extra_state`; Adam moments {"exp_avg": {...}, "exp_avg_sq": {...}} if asked;
-    meta.json plus `partition_dims`). Reads safetensors only: nothing is unpickled."""
+    Pattention's `._extra_state`; Adam moments {"exp_avg": {...}, "exp_avg_sq": {...}} if asked and
+    held (a weights-only checkpoint, meta `"moments": false`, gives {}); meta.json plus
+    `partition_dims`). Reads safetensors only: nothing is unpickled."""
     ckpt_dir, tag = resolve(path)
     where = ckpt_dir / tag
     meta = read_meta(ckpt_dir, tag)
     check_format(meta, where)
     shards = ShardReader(where, meta)
+    moments = moments and meta.get("moments", True)
     state, moms, dims = {}, {k: {} for k in MOMENTS}, {}
     for layer in range(shards.L + 2):
         dims.update(shards.metadata(layer, "partition_dim"))

@@ -141,12 +141,13 @@ def load(engine, cfg: Config, grid: D.Grid, ckpt_dir: Path, tag: str, meta: dict
     shards = ShardReader(where, meta)
     opt = OptimizerState(engine)
     opt.prepare(meta["optimizer_step"])
+    moments = meta.get("moments", True)  # False: weights only (an imported model); Adam starts from zero
     for name, p in _global_names(engine.module, L, pipelined):
         dim = getattr(p, "partition_dim", None)
         rank, size = (grid.tp_rank, grid.tensor) if dim is not None else (0, 1)
         values = {"": shards.read(name, name, rank, size)}
         for k in MOMENTS:
-            values[k] = shards.read(name, f"{k}/{name}", rank, size)
+            values[k] = shards.read(name, f"{k}/{name}", rank, size) if moments else torch.zeros_like(values[""])
         if values[""].shape != p.shape:
             raise CheckpointError(f"{name} in {where} gives a shard of {tuple(values[''].shape)}, this rank "
                                   f"holds {tuple(p.shape)}")
