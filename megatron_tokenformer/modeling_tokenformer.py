@@ -1,0 +1,115 @@
+"""TokenFormer as a transformers causal LM (`AutoModelForCausalLM` with trust_remote_code).
+
+This is a thin wrapper over the package's own `TokenFormerModel`: the export directory holds this
+file, configuration_tokenformer.py and model.py, pattention.py, mappings.py, seeding.py and
+vocab_parallel.py copied verbatim from the package, so the model has one source. Only relative
+imports of those files and absolute imports of torch and transformers are used here, because
+transformers' loader copies the files that `from .x import` lines name and demands every absolute
+import be installed.
+
+- The cache is transformers' own (`DynamicCache`): TokenFormerModel takes any object with its
+  `update(k, v, layer_idx)` and `get_seq_length()`.
+- Embedding rows above the tokenizer's vocab are padding: their logits are -inf, so no decoding
+  method (greedy, sampling, beam) can produce them, and the loss is unchanged.
+- attention_mask: all ones, or the same left padding in every row (a single padded prompt, or
+  equal-length prompts), starting from an empty cache. The pad positions are dropped before the
+  model sees them, so the output equals that of the unpadded prompt. Rows padded differently are
+  refused: the model has no per-row positions or key mask.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_tokenformer import MODEL_FIELDS, TokenFormerConfig
+from .mappings import group_size  # noqa: F401  (model.py reaches mappings through `from . import`,
+# which transformers' loader does not follow; this line makes it copy mappings.py too)
+from .model import TokenFormerModel
+from .pattention import Pattention
+
+# transformers 5 calls the cache `cache`, 4.x `past_key_values`; the output field follows the version.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def model_config(config: TokenFormerConfig) -> SimpleNamespace:
+    """The config TokenFormerModel reads, from the HF config (the eager fused Pattention, no
+    activation checkpointing: transformers has its own switches for training)."""
+    return SimpleNamespace(**{k: getattr(config, k) for k in MODEL_FIELDS}, pattention_impl="fused",
+                           activation_checkpointing=False)
+
+
+def _real_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> int:
+    """How many leading columns of `input_ids` are left padding to drop (checking the mask has a
+    form the model can honour: the same left padding in every row, none of it in the cache)."""
+    if attention_mask is None:
+        return 0
+    mask = attention_mask.bool()
+    pad = (~mask).int().cumprod(-1).sum(-1)  # leading zeros per row
+    if not bool((mask.sum(-1) + pad == mask.shape[-1]).all()):
+        raise ValueError("TokenFormer supports left padding only (attention_mask zeros before the ones)")
+    if bool((pad == mask.shape[-1]).any()):
+        raise ValueError("a row of attention_mask is all padding")
+    if not bool((pad == pad[0]).all()):
+        raise ValueError("TokenFormer needs the same left padding in every row: pad the prompts to equal length "
+                         "with equal padding, or generate one prompt at a time")
+    p, total, t = int(pad[0]), mask.shape[-1], input_ids.shape[-1]
+    if past != max(0, total - t - p):
+        raise ValueError(f"the cache holds {past} positions but the attention_mask says {max(0, total - t - p)} "
+                         "real tokens precede input_ids")
+    return max(0, p - (total - t))
+
+
+class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
+    """`forward(input_ids, attention_mask, past_key_values|cache, labels, use_cache)` ->
+    CausalLMOutputWithPast (logits over every embedding row, padded rows -inf)."""
+
+    config_class = TokenFormerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_cache_class = True  # transformers 4.x: pass Cache objects, not tuples
+    # tau travels in config.json; Pattention's extra state (a dict) has no place in safetensors.
+    _keys_to_ignore_on_load_missing = [r"_extra_state$"]
+    _keys_to_ignore_on_save = [r"_extra_state$"]
+
+    def __init__(self, config: TokenFormerConfig):
+        super().__init__(config)
+        self.model = TokenFormerModel(model_config(config), config.vocab_size)
+        for name, module in self.model.named_modules():
+            if isinstance(module, Pattention) and name in config.tau:
+                module.tau = float(config.tau[name])
+        self.post_init()
+
+    def _init_weights(self, module):
+        # TokenFormerModel initialises itself (DESIGN.md section 1); from_pretrained then loads
+        # every weight, so there is nothing for transformers to (re)initialise.
+        pass
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, cache=None, labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Logits of every position; with `labels` (input_ids, -100 where ignored) the mean loss
+        of predicting each next token. With `use_cache` the returned cache continues the sequence."""
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        drop = _real_positions(input_ids, attention_mask, cache.get_seq_length() if cache is not None else 0)
+        if drop:
+            input_ids = input_ids[:, drop:]
+            labels = labels[:, drop:] if labels is not None else None
+        logits = self.model(input_ids, cache=cache)
+        logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # padding rows: never produced
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if drop:  # one row of logits per input column, as callers index them; pad columns get zeros
+            logits = torch.cat((logits.new_zeros(logits.shape[0], drop, logits.shape[-1]), logits), 1)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
