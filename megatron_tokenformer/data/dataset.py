@@ -1,7 +1,8 @@
 """Reading a prepared token dataset: metadata checks, token stream, samples, batches.
 
 The on-disk contract (written by ``prepare.py``): a directory holding
-``metadata.json``, ``tokenizer.model``, ``doc_index.npy`` and flat token shards
+``metadata.json``, the tokenizer (``tokenizer.model`` sentencepiece or ``tokenizer.json``
+Hugging Face ``tokenizers``), ``doc_index.npy`` and flat token shards
 ``tokens_NNNNN.bin`` (documents concatenated, each followed by the EOD id).
 """
 
@@ -14,15 +15,16 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 from ..errors import UserError
 from ..fileio import sha256_file
+from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer as read_tokenizer
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the name of datasets written before tokenizer_file was recorded
 DOC_INDEX_FILE = "doc_index.npy"
 DEFAULT_PATH = "data/shakespeare"  # where `python tools/prepare_data.py` puts the built-in corpus
 PREPARE_HINT = "python tools/prepare_data.py"
@@ -44,6 +46,12 @@ class DatasetMeta:
     tokenizer_sha256: str
     shards: list[dict] = field(default_factory=list)
     source: str = ""
+    tokenizer_file: str = TOKENIZER_FILE
+    """tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face tokenizers)."""
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self.path) / self.tokenizer_file
 
     def to_json(self) -> dict:
         # `path` is where the dataset lives now, not part of its content.
@@ -104,7 +112,7 @@ def load_meta(path: str | Path, verify: bool = True, recipe: str | None = None,
                         f"{FORMAT_VERSION}; {rerun}")
 
     itemsize = np.dtype(meta.dtype).itemsize
-    tok_file = root / TOKENIZER_FILE
+    tok_file = meta.tokenizer_path
     if not tok_file.is_file():
         raise DataError(f"tokenizer '{tok_file}' is missing; {rerun}")
     if sum(s["num_tokens"] for s in meta.shards) != meta.num_tokens:
@@ -133,8 +141,9 @@ def load_meta(path: str | Path, verify: bool = True, recipe: str | None = None,
     return meta
 
 
-def load_tokenizer(meta: DatasetMeta) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(Path(meta.path) / TOKENIZER_FILE))
+def load_tokenizer(meta: DatasetMeta) -> Tokenizer:
+    """The dataset's tokenizer, whichever kind it is."""
+    return read_tokenizer(meta.tokenizer_path)
 
 
 class TokenStream:

@@ -1,7 +1,7 @@
 """Turn a text corpus into the token dataset read by ``dataset.py``.
 
-Steps: load documents with Hugging Face ``datasets`` -> train (or reuse) a
-sentencepiece BPE tokenizer -> tokenize in parallel -> write flat token shards,
+Steps: load documents with Hugging Face ``datasets`` -> train a sentencepiece BPE tokenizer
+(or reuse a sentencepiece model or a Hugging Face ``tokenizers`` file) -> tokenize in parallel -> write flat token shards,
 ``doc_index.npy`` and ``metadata.json``. Everything is written into a temporary
 directory next to the output and renamed into place at the end, so an interrupted
 run never leaves something that looks like a finished dataset.
@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import sentencepiece as spm
 
 from ..fileio import sha256_file
-from .dataset import (DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, TOKENIZER_FILE, DataError,
-                      DatasetMeta, load_meta)
+from ..tokenizer import FILE_NAMES, TokenizerError, kind_of, load_tokenizer
+from .dataset import DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, DataError, DatasetMeta, load_meta
 from .sources import (SHAKESPEARE_SOURCE, Log, fetch_shakespeare, load_hub_stream, load_local, resolve_inputs,
                       text_column)
 
@@ -105,6 +105,8 @@ def _run(out: Path, source: str, load: Callable[[Path], datasets.Dataset], token
          vocab_size: int, num_proc: int | None, shard_size: int, force: bool, log: Log) -> DatasetMeta:
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise DataError(f"tokenizer file '{tokenizer}' not found (--tokenizer)")
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, str(tokenizer))  # before any corpus is read
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, not {shard_size}")
     existing = _check_existing(out, source, tokenizer, vocab_size, force, log)
@@ -174,15 +176,16 @@ def _build(ds: datasets.Dataset, tmp: Path, source: str, tokenizer: str | Path |
     if len(ds) == 0:
         raise DataError(f"empty corpus: no non-empty documents in {source}")
 
-    model_file = tmp / TOKENIZER_FILE
     if tokenizer is not None:
+        model_file = tmp / FILE_NAMES[kind_of(tokenizer)]
         shutil.copyfile(tokenizer, model_file)
     else:
+        model_file = tmp / FILE_NAMES["sentencepiece"]
         log(f"training a sentencepiece BPE tokenizer (vocab {vocab_size}) on {len(ds)} documents ...")
         model_file.write_bytes(train_tokenizer(ds, vocab_size))
-    sp = _load_sentencepiece(model_file, shown_as=str(tokenizer or model_file))
-    eod_id = sp.eos_id()
-    dtype = "uint16" if sp.vocab_size() <= 65535 else "uint32"
+    tok = _check_tokenizer(model_file, str(tokenizer or model_file))
+    eod_id = tok.eod_id
+    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
 
     log(f"tokenizing {len(ds)} documents with {num_proc} process(es) ...")
     tokenized = ds.map(_tokenize, batched=True, batch_size=16, num_proc=num_proc if num_proc > 1 else None,
@@ -199,9 +202,10 @@ def _build(ds: datasets.Dataset, tmp: Path, source: str, tokenizer: str | Path |
     doc_ends = np.cumsum(np.concatenate(lengths))
     np.save(tmp / DOC_INDEX_FILE, doc_ends)
 
-    meta = DatasetMeta(path=str(tmp), format_version=FORMAT_VERSION, vocab_size=sp.vocab_size(),
+    meta = DatasetMeta(path=str(tmp), format_version=FORMAT_VERSION, vocab_size=tok.vocab_size,
                        eod_id=eod_id, dtype=dtype, num_tokens=int(doc_ends[-1]), num_documents=len(doc_ends),
-                       tokenizer_sha256=sha256_file(model_file), shards=shards, source=source)
+                       tokenizer_sha256=sha256_file(model_file), shards=shards, source=source,
+                       tokenizer_file=model_file.name)
     (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
 
 
@@ -243,27 +247,24 @@ def _training_lines(ds: datasets.Dataset) -> Iterator[str]:
                         return
 
 
-def _load_sentencepiece(path: Path, shown_as: str) -> spm.SentencePieceProcessor:
+def _check_tokenizer(path: str | Path, shown_as: str):
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"'{shown_as}' is not a sentencepiece model: {e}") from e
-    if sp.eos_id() < 0:
-        raise DataError(f"tokenizer '{shown_as}' has no EOS piece (</s>), needed as end-of-document token")
-    return sp
+        return load_tokenizer(path, shown_as=shown_as)
+    except TokenizerError as e:
+        raise DataError(f"{e} (--tokenizer)") from None
 
 
 @functools.lru_cache(maxsize=2)
-def _sentencepiece(model_file: str) -> spm.SentencePieceProcessor:
+def _tokenizer(model_file: str):
     # Per process on purpose: _tokenize runs in datasets' map worker processes, which get only
-    # picklable arguments (the file name), so each loads the model once and keeps it for all
+    # picklable arguments (the file name), so each loads the tokenizer once and keeps it for all
     # its batches instead of once per batch.
-    return spm.SentencePieceProcessor(model_file=model_file)
+    return load_tokenizer(model_file)
 
 
 def _tokenize(batch: dict, model_file: str, eod_id: int) -> dict:
-    sp = _sentencepiece(model_file)
-    return {"ids": [np.array(ids + [eod_id], dtype=np.int32) for ids in sp.encode(batch["text"])]}
+    tok = _tokenizer(model_file)
+    return {"ids": [np.array(ids + [eod_id], dtype=np.int32) for ids in tok.encode_batch(batch["text"])]}
 
 
 class _ShardWriter:

@@ -21,10 +21,11 @@ import torch
 
 from ..checkpoint.files import FORMAT_VERSION, PARTIAL, layer_of, tag_for, write_meta, write_piece
 from ..checkpoint.integrity import commit, staging
-from ..checkpoint.reader import global_state
+from ..checkpoint.reader import global_state, resolved_dir
 from ..config import TOKEN_KEYS, ModelConfig, config_from_dict
 from ..errors import UserError
 from ..pattention import default_tau
+from ..tokenizer import find_tokenizer, store_tokenizer
 
 KEY_INITS, VALUE_INITS, TAUS = ("zero", "normal"), ("normal", "zero"), ("keep", "sqrt-n")
 FIELD = {"qkv": "qkv_tokens", "proj": "proj_tokens", "ffn": "ffn_tokens"}  # Pattention module -> config key
@@ -115,9 +116,9 @@ def count_params(state: dict) -> int:
     return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
 
 
-def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None:
+def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path, tokenizer: Path | None = None) -> None:
     """Write global tensors as a checkpoint in `dst` (a step_* directory) at meta's tensor size,
-    atomically: into dst.partial, manifest, rename."""
+    atomically: into dst.partial, manifest, rename. `tokenizer`: a file the checkpoint carries."""
     T, L = meta["layout"]["tensor"], meta["config"]["model"]["num_layers"]
     tmp = staging(dst)
     by_layer: dict[int, list[str]] = {}
@@ -137,6 +138,8 @@ def write(state: dict, moments: dict, meta: dict, dims: dict, dst: Path) -> None
                     shapes[name] = list(shard.shape)
                     tensors[prefix + name] = shard.contiguous().reshape(-1)
             write_piece(tmp, layer, tp, 0, tensors, dict.fromkeys(names, 0), shapes, layer_dims, taus)
+    if tokenizer is not None:
+        meta = {**meta, "tokenizer": store_tokenizer(tokenizer, tmp)}
     write_meta(tmp, meta)
     commit(tmp, dst)
 
@@ -173,5 +176,5 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
                     optimizer_step=0 if opts.reset_optimizer else meta["optimizer_step"])
     dims = meta["partition_dims"]
     new_meta.pop("partition_dims")
-    write(new_state, new_moments, new_meta, dims, dst)
+    write(new_state, new_moments, new_meta, dims, dst, tokenizer=find_tokenizer(resolved_dir(src)))
     return dst, entry
