@@ -9,8 +9,10 @@ import be installed.
 
 - The cache is transformers' own (`DynamicCache`): TokenFormerModel takes any object with its
   `update(k, v, layer_idx)` and `get_seq_length()`.
-- Embedding rows above the tokenizer's vocab are padding: their logits are -inf, so no decoding
-  method (greedy, sampling, beam) can produce them, and the loss is unchanged.
+- Logits cover every embedding row, as in training and `load_model`, so logits and loss are the
+  model's own. The rows above the tokenizer's vocab are padding: the export's
+  generation_config.json lists them in `suppress_tokens`, so `generate()` (greedy, sampling,
+  beam) never produces them.
 - attention_mask: all ones, or the same left padding in every row (a single padded prompt, or
   equal-length prompts), starting from an empty cache. The pad positions are dropped before the
   model sees them, so the output equals that of the unpadded prompt. Rows padded differently are
@@ -28,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_tokenformer import MODEL_FIELDS, TokenFormerConfig
 from .mappings import group_size  # noqa: F401  (model.py reaches mappings through `from . import`,
 # which transformers' loader does not follow; this line makes it copy mappings.py too)
-from .model import TokenFormerModel
+from .model import Rotary, TokenFormerModel
 from .pattention import Pattention
 
 # transformers 5 calls the cache `cache`, 4.x `past_key_values`; the output field follows the version.
@@ -42,7 +44,7 @@ def model_config(config: TokenFormerConfig) -> SimpleNamespace:
                            activation_checkpointing=False)
 
 
-def _real_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> int:
+def _pad_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> int:
     """How many leading columns of `input_ids` are left padding to drop (checking the mask has a
     form the model can honour: the same left padding in every row, none of it in the cache)."""
     if attention_mask is None:
@@ -63,18 +65,26 @@ def _real_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return max(0, p - (total - t))
 
 
+def _drop_extra_state(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.endswith("._extra_state")]:
+        del state_dict[key]
+
+
+def _keep_extra_state(module, state_dict, prefix, *args) -> None:
+    for name, m in module.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(m, Pattention):
+            state_dict.setdefault(f"{name}._extra_state", m.get_extra_state())
+
+
 class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
     """`forward(input_ids, attention_mask, past_key_values|cache, labels, use_cache)` ->
-    CausalLMOutputWithPast (logits over every embedding row, padded rows -inf)."""
+    CausalLMOutputWithPast (logits over every embedding row)."""
 
     config_class = TokenFormerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _supports_cache_class = True  # transformers 4.x: pass Cache objects, not tuples
-    # tau travels in config.json; Pattention's extra state (a dict) has no place in safetensors.
-    _keys_to_ignore_on_load_missing = [r"_extra_state$"]
-    _keys_to_ignore_on_save = [r"_extra_state$"]
 
     def __init__(self, config: TokenFormerConfig):
         super().__init__(config)
@@ -82,12 +92,22 @@ class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
         for name, module in self.model.named_modules():
             if isinstance(module, Pattention) and name in config.tau:
                 module.tau = float(config.tau[name])
+        # tau travels in config.json. Pattention also keeps it as extra state (a dict), which has no
+        # place in safetensors and which transformers' loader cannot place: leave it out of the
+        # state dict, and let a state dict without it load.
+        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post_hook(_drop_extra_state)
+        self.register_load_state_dict_pre_hook(_keep_extra_state)
         self.post_init()
 
+    @torch.no_grad()
     def _init_weights(self, module):
-        # TokenFormerModel initialises itself (DESIGN.md section 1); from_pretrained then loads
-        # every weight, so there is nothing for transformers to (re)initialise.
-        pass
+        # The weights all come from model.safetensors. What transformers leaves unset is the
+        # rotary frequencies (a buffer outside the state dict): recompute them with the model's code.
+        if isinstance(module, Rotary):
+            with torch.device("cpu"):
+                fresh = Rotary(module.dim, self.config.rotary_base)
+            module.inv_freq.copy_(fresh.inv_freq)
 
     def get_input_embeddings(self):
         return self.model.embed
@@ -101,12 +121,11 @@ class TokenFormerForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is None and use_cache:
             cache = DynamicCache()
-        drop = _real_positions(input_ids, attention_mask, cache.get_seq_length() if cache is not None else 0)
+        drop = _pad_columns(input_ids, attention_mask, cache.get_seq_length() if cache is not None else 0)
         if drop:
             input_ids = input_ids[:, drop:]
             labels = labels[:, drop:] if labels is not None else None
         logits = self.model(input_ids, cache=cache)
-        logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # padding rows: never produced
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
