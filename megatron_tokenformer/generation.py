@@ -2,6 +2,8 @@
 
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
+    text = generate_text(model, tokenizer, "To be, or", max_new_tokens=64).text
+
 The prompt is encoded once; each new token then costs one position's forward pass through the
 cache. With `use_cache=False` every step recomputes the whole sequence: the reference the cache
 is tested against, and the baseline of the decode benchmark.
@@ -52,6 +54,13 @@ class Generated:
     prompt_tokens: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    text: str = ""
+    """The new tokens decoded (generate_text only)."""
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """New tokens per second of the whole call (the prompt's forward pass included)."""
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
 def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
@@ -116,3 +125,17 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
             stopped = "stop"
             break
     return Generated(new, stopped, len(prompt_ids), time.perf_counter() - start)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampling: Sampling | None = None, *,
+                  use_cache: bool = True) -> Generated:
+    """Continue the text `prompt` with a single-process model and its tokenizer (`tokenizer.Tokenizer`).
+
+    The prompt is encoded as is (no end-of-document token before it); decoding ends at the
+    tokenizer's end-of-document token, at `max_new_tokens`, or at the model's context. A prompt
+    longer than the context is refused (GenerationError), not truncated. Returns `Generated`
+    with `text`, the decoded continuation."""
+    out = generate(model, tokenizer.encode(prompt), max_new_tokens, sampling, vocab_size=tokenizer.vocab_size,
+                   eod_id=tokenizer.eod_id, use_cache=use_cache)
+    out.text = tokenizer.decode(out.tokens)
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import mappings as M
-from .config import ModelConfig
 from .pattention import Pattention
 from .seeding import layer_seeds, seeded
 from .vocab_parallel import VocabParallelEmbedding, cross_entropy
+
+if TYPE_CHECKING:
+    # Annotations only. This file also ships, without the config package, inside Hugging Face exports
+    # (modeling_tokenformer.py), whose loader copies what `from .x import` lines name; `from . import` it skips.
+    from . import config
 
 
 class Rotary(nn.Module):
@@ -76,12 +81,12 @@ class KVCache:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int | None = None):
+    def __init__(self, cfg: config.ModelConfig, tp_group=None, seed: int | None = None):
         super().__init__()
         with seeded(seed):
             self._build(cfg, tp_group)
 
-    def _build(self, cfg: ModelConfig, tp_group) -> None:
+    def _build(self, cfg: config.ModelConfig, tp_group) -> None:
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads // M.group_size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
@@ -131,7 +136,7 @@ class TokenFormerModel(nn.Module):
     """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss.
     With a `cache` (KVCache, or transformers' DynamicCache) input_ids continue the cached positions."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None):
+    def __init__(self, cfg: config.ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         seeds = layer_seeds(seed, cfg.num_layers)
@@ -159,20 +164,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in model.parameters())
 
 
-def pattention_flops_per_token(cfg: ModelConfig) -> int:
+def pattention_flops_per_token(cfg: config.ModelConfig) -> int:
     """Forward FLOPs per token of all Pattentions: 2*n*(d_in+d_out) each (DESIGN.md section 1)."""
     d = cfg.hidden_size
     per_block = 2 * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens) * 2 * d
     return cfg.num_layers * per_block
 
 
-def attention_flops_per_token(cfg: ModelConfig) -> int:
+def attention_flops_per_token(cfg: config.ModelConfig) -> int:
     """Forward FLOPs per token of one block's attention core: QK^T and AV, 2*t*d each. The causal
     mask is not discounted (the convention of MFU figures, PaLM's and Megatron's)."""
     return 2 * 2 * cfg.seq_length * cfg.hidden_size
 
 
-def model_flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+def model_flops_per_token(cfg: config.ModelConfig, vocab_size: int) -> int:
     """Training FLOPs per token (forward + backward = 3x forward): Pattentions, attention, head."""
     head = 2 * cfg.hidden_size * vocab_size
     return 3 * (pattention_flops_per_token(cfg) + cfg.num_layers * attention_flops_per_token(cfg) + head)
@@ -198,7 +203,7 @@ def layer_names(num_layers: int) -> list[str]:
     return ["embed", *[f"blocks.{i}" for i in range(num_layers)], "final_norm", "head"]
 
 
-def layers(cfg: ModelConfig, vocab_size: int) -> list[Layer]:
+def layers(cfg: config.ModelConfig, vocab_size: int) -> list[Layer]:
     """The model as its flat sequence of layers. The head's weight is the embedding's (a
     pipeline's last stage holds a copy)."""
     d = cfg.hidden_size

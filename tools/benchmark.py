@@ -10,7 +10,9 @@ load on the machine moves both), and reports the median over rounds of tokens/s,
 for backward per token (counted in eager mode), the tensor-parallel bytes each rank would send per
 token at the config's parallel.tensor (the formula tests check against mappings.py's counter), and
 the ratios against the baseline with their spread (min and max over rounds). `--check` first compares the fused
-Pattention with the reference on this device. Runs on one GPU or on the CPU; needs no DeepSpeed.
+Pattention with the reference on this device. `--decode N` also times greedy decoding of N new
+tokens with and without the KV cache (`--decode-only`: nothing else). Runs on one GPU or on the
+CPU; needs no DeepSpeed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 
 from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token
 from megatron_tokenformer.config import load_config
+from megatron_tokenformer.generation import Sampling, generate
 from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
 from megatron_tokenformer.pattention import Pattention
 from megatron_tokenformer.planner import saved_tensor_bytes, tp_bytes_per_token
@@ -164,6 +167,25 @@ def check_fused(device: torch.device) -> list[dict]:
     return out
 
 
+def measure_decode(cfg, vocab: int, device, dtype, new_tokens: int, prompt_tokens: int = 16) -> dict:
+    """Greedy decoding of `new_tokens` after a random prompt, with the KV cache and recomputing the
+    whole sequence at each step: tokens/s of each (the prompt's forward included). The config's
+    model with random weights; its seq_length raised to fit, if needed (only generate() reads it)."""
+    m = cfg.model
+    shape = type(m)(**{**m.__dict__, "seq_length": max(m.seq_length, prompt_tokens + new_tokens)})
+    model = TokenFormerModel(shape, vocab, seed=0).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    generate(model, prompt, 8, Sampling(greedy=True))  # warm up
+    out = {"new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "weights": "random",
+           "seq_length": shape.seq_length, "threads": torch.get_num_threads()}
+    for name, cache in (("cached", True), ("uncached", False)):
+        g = generate(model, prompt, new_tokens, Sampling(greedy=True), use_cache=cache)
+        out[f"{name}_tokens_per_sec"] = g.tokens_per_sec
+    out["cache_speedup"] = out["cached_tokens_per_sec"] / out["uncached_tokens_per_sec"]
+    print(json.dumps({"decode": out}), flush=True)
+    return out
+
+
 def data_loader_fraction(cfg, step_s: float) -> float | None:
     """Time to produce one step's batches from the memory-mapped shards, as a fraction of a step."""
     try:
@@ -201,6 +223,9 @@ def main() -> None:
                     help="what the compiled variants compile: each block (regional) or the whole model")
     ap.add_argument("--no-compile-baseline", action="store_true")
     ap.add_argument("--check", action="store_true", help="check the fused Pattention against the reference first")
+    ap.add_argument("--decode", type=int, default=0, metavar="N",
+                    help="also time greedy decoding of N new tokens, with and without the KV cache")
+    ap.add_argument("--decode-only", action="store_true", help="time decoding only (--decode, default 512)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -221,6 +246,13 @@ def main() -> None:
     if args.check:
         result["check"] = check_fused(device)
         print(json.dumps(result["check"], indent=1), flush=True)
+    if args.decode or args.decode_only:
+        result["decode"] = measure_decode(cfg, vocab, device, dtype, args.decode or 512)
+    if args.decode_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.model.seq_length + 1), device=device)
     tf_flops, gpt_flops = model_flops_per_token(cfg.model, vocab), gpt_flops_per_token(cfg.model, vocab)
@@ -278,6 +310,11 @@ def table(res: dict) -> str:
     if res["tp_collective_bytes_per_token"]:
         lines.append(f"tensor-parallel collectives at parallel.tensor of the config: "
                      f"{res['tp_collective_bytes_per_token']:.0f} bytes sent per rank per token")
+    if res.get("decode"):
+        d = res["decode"]
+        lines.append(f"decoding {d['new_tokens']} tokens (greedy, batch 1, random weights): "
+                     f"{d['cached_tokens_per_sec']:.1f} tokens/s with the KV cache, "
+                     f"{d['uncached_tokens_per_sec']:.1f} without ({d['cache_speedup']:.1f}x)")
     if res.get("data_loader_fraction") is not None:
         lines.append(f"data loader: {100 * res['data_loader_fraction']:.2f}% of the fastest step")
     return "\n".join(lines)

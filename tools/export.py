@@ -1,10 +1,16 @@
-"""Export a checkpoint of any layout as one safetensors file plus config.json.
+"""Export a checkpoint of any layout for use outside training.
 
-    python tools/export.py --load runs/tiny/checkpoints --out exported/tiny
+    python tools/export.py --load runs/tiny/checkpoints --out exported/tiny                  # native
+    python tools/export.py --load runs/tiny/checkpoints --format hf --out exported/tiny-hf   # transformers
 
-`config.json` holds the resolved training config, the vocab size, the step and each Pattention's
-tau (a per-layer constant that is part of the function). Load the result with
-`megatron_tokenformer.load_model` (checkpoints) or `safetensors.torch.load_file` + TokenFormerModel.
+native: one safetensors file plus config.json holding the resolved training config, the vocab
+size, the step and each Pattention's tau (a per-layer constant that is part of the function).
+Load it with `megatron_tokenformer.load_model` (checkpoints) or `safetensors.torch.load_file` +
+TokenFormerModel.
+
+hf: a transformers model directory (megatron_tokenformer/hf_export.py) with the checkpoint's
+tokenizer; `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and
+`AutoTokenizer.from_pretrained(DIR)` load it without this package. Needs `pip install -e '.[hf]'`.
 """
 import argparse
 import json
@@ -17,6 +23,7 @@ from megatron_tokenformer.errors import UserError
 
 
 def export(load: str, out: str) -> Path:
+    """The native export: model.safetensors + config.json."""
     state, meta = global_state_dict(load)
     tensors = {k: v.contiguous() for k, v in state.items() if hasattr(v, "contiguous")}
     tau = {k.removesuffix("._extra_state"): v["tau"] for k, v in state.items() if k.endswith("._extra_state")}
@@ -34,12 +41,22 @@ def export(load: str, out: str) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", required=True, help="checkpoint.dir of a run, or one step_* directory in it")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="a new (or empty) directory")
+    ap.add_argument("--format", choices=("native", "hf"), default="native",
+                    help="native (this package's) or hf (Hugging Face transformers, with the tokenizer)")
     args = ap.parse_args()
     try:
-        print(f"wrote {export(args.load, args.out)}")
+        if args.format == "hf":
+            from megatron_tokenformer.hf_export import export_hf
+
+            print(f"wrote {export_hf(args.load, args.out)}")
+        else:
+            print(f"wrote {export(args.load, args.out)}")
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # the hf format's transformers (or its tokenizer converter's protobuf)
+        print(f"error: --format hf needs transformers ({e}); pip install -e '.[hf]'", file=sys.stderr)
         return 2
     return 0
 
