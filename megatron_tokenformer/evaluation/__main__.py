@@ -1,0 +1,25 @@
+"""lm-eval's command line with the `megatron_tokenformer` model registered:
+
+    python -m megatron_tokenformer.evaluation --model megatron_tokenformer \
+        --model_args path=runs/tiny/checkpoints,batch_size=16 --tasks piqa,hellaswag
+
+takes every argument `lm_eval` takes. lm-eval 0.4.13 finds models only in its own registry (it reads
+no entry points), so its `lm_eval` command cannot see a model registered by another package; this
+module imports the backend first, then runs that command. Add `--include_path` with the package's
+task directory (printed by `python -c "from megatron_tokenformer.evaluation.offline import task_dir;
+print(task_dir())"`) to run the offline copies of the paper's tasks instead of the Hub's.
+"""
+import sys
+
+from . import lm_backend  # noqa: F401  (registers the model name)
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
