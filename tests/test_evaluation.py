@@ -202,3 +202,19 @@ def test_tasks_during_training_equal_offline_evaluation(trained, eval_data):
     offline_scores = scores(run_tasks(lm, ["piqa"], LIMIT, eval_data[0]))["piqa"]
     assert {k: row[0][f"eval/piqa/{k}"] for k in offline_scores} == pytest.approx(offline_scores, abs=1e-12)
     assert set(offline_scores) == {"acc", "acc_norm"}
+
+
+def test_eval_tasks_config_is_checked(corpus, tmp_path):
+    from megatron_tokenformer.config import ConfigError, load_config
+    from megatron_tokenformer.evaluation.live import TaskEvaluator
+
+    cfg = load_config("configs/tiny.yml", ["eval.tasks=piqa,winogrande", "eval.tasks_limit=5"])
+    assert cfg.eval.tasks == ["piqa", "winogrande"] and cfg.eval.tasks_interval == 0
+    for bad, says in [("eval.tasks=[piqa,mmlu]", "eval.tasks: unknown task mmlu; known: lambada_openai"),
+                      ("eval.tasks_limit=0", "eval.tasks_limit=0 must be >= 1"), ("eval.tasks=3", "not a list")]:
+        with pytest.raises(ConfigError, match=says):
+            load_config("configs/tiny.yml", [bad])
+    # a run whose task files are missing stops before any work, naming the command
+    cfg = load_config("configs/tiny.yml", ["eval.tasks=[piqa]", f"eval.tasks_data={tmp_path}"])
+    with pytest.raises(offline.TaskDataError, match=f"run `python tools/prepare_eval_data.py --out {tmp_path}`"):
+        TaskEvaluator(cfg, Path(corpus) / "tokenizer.model")

@@ -50,7 +50,9 @@ class TokenFormerLM(TemplateLM):
             self.batch_size = int(str(batch_size).split(":")[0])
         except ValueError:
             raise EvalError(f"batch_size={batch_size} is not a whole number") from None
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's CLI passes device=cuda:0 unless told otherwise; like its HF backend, fall back
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if model is None:
             if path is None:
                 raise EvalError("give the checkpoint as path=..., e.g. --model_args path=runs/tiny/checkpoints")
@@ -65,6 +67,19 @@ class TokenFormerLM(TemplateLM):
         self.max_length = model.cfg.seq_length
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress and rank == 0
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor path; `--model_args batch_size=16` wins over the CLI's own
+        --batch_size (which lm-eval always passes, 1 by default)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # ---- what TemplateLM asks for ---------------------------------------------------------------
     @property
