@@ -167,6 +167,10 @@ class LogConfig:
     corrupting it (set false only on a filesystem without file locks)."""
 
 
+# The zero-shot tasks eval.tasks may name (evaluation/offline.py holds their files' splits and counts).
+EVAL_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+
+
 @dataclass
 class EvalConfig:
     interval: int = 50

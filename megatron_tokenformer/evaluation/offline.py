@@ -28,12 +28,14 @@ import json
 import os
 from pathlib import Path
 
+from ..config.schema import EVAL_TASKS
 from ..errors import UserError
 from ..fileio import sha256_file
 
-# name: (split lm-eval's task uses, documents in the published split)
+# name: (split lm-eval's task uses, documents in the published split); the names are the config's.
 TASKS = {"lambada_openai": ("test", 5153), "hellaswag": ("validation", 10042), "piqa": ("validation", 1838),
          "arc_easy": ("test", 2376), "arc_challenge": ("test", 1172), "winogrande": ("validation", 1267)}
+assert tuple(TASKS) == EVAL_TASKS
 PREPARE = "python tools/prepare_eval_data.py"
 DEFAULT_DIR = "data/eval"
 ENV = "MEGATRON_TOKENFORMER_EVAL_DATA"
