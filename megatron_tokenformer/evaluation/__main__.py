@@ -14,12 +14,19 @@ import sys
 from . import lm_backend  # noqa: F401  (registers the model name)
 
 
-def main() -> None:
+def main() -> int:
     from lm_eval.__main__ import cli_evaluate
 
+    from ..errors import UserError
+
     sys.argv[0] = "lm_eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as e:  # a bad checkpoint path or model argument: one line, as our tools print it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,8 +40,12 @@ class TokenFormerLM(TemplateLM):
 
     def __init__(self, path: str | None = None, batch_size: int | str = 16, device: str | None = None,
                  dtype: str = "float32", max_gen_toks: int = 256, model=None, tokenizer=None,
-                 rank: int = 0, world_size: int = 1, progress: bool = True, **_ignored):
+                 rank: int = 0, world_size: int = 1, progress: bool = True, **unknown):
         super().__init__()
+        unknown.pop("max_batch_size", None)  # lm-eval's CLI passes it for its "auto" batch size search
+        if unknown:
+            raise EvalError(f"unknown model argument(s) {', '.join(unknown)}; this backend takes path, batch_size, "
+                            "device, dtype, max_gen_toks")
         if dtype not in DTYPES:
             raise EvalError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
         if batch_size in (None, "auto"):  # lm-eval's "auto" probes memory; a fixed size is what we offer
