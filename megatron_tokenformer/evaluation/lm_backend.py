@@ -111,8 +111,12 @@ class TokenFormerLM(TemplateLM):
         """requests: ((context, continuation) strings, context ids, continuation ids), as TemplateLM makes them."""
         pieces = sum(-(-len(t) // self.max_length) for _, _, t in requests)  # long continuations: several
         with self._bar(pieces, "loglikelihood") as bar:
-            return scoring.score_continuations(self._forward, [(c, t) for _, c, t in requests], self.max_length,
-                                               self.batch_size, self._device, bar.update)
+            out = scoring.score_continuations(self._forward, [(c, t) for _, c, t in requests], self.max_length,
+                                              self.batch_size, self._device, bar.update)
+        for (strings, _, _), answer in zip(requests, out):
+            if strings is not None:  # lm-eval's --use_cache stores each answer under its strings
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-probability of each whole string, in rolling windows of the model's context with the
