@@ -22,6 +22,7 @@ from .data import load_data, train_batches, valid_batches
 from .engine import (build_engine, check_precision, deepspeed_config, speed_choices, step_functions,
                      unknown_deepspeed_keys)
 from .errors import UserError
+from .evaluation.live import TaskEvaluator
 from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
@@ -42,6 +43,7 @@ def pretrain(cfg: Config) -> dict:
             t.grow()
         t.train_step()
         t.evaluate_if_due()
+        t.evaluate_tasks_if_due()  # eval.tasks: zero-shot tasks on the live model (evaluation/live.py)
         t.log()  # this step's training and validation metrics, one row; stops a run of non-finite steps
         t.save_if_due()
         if t.stop_requested():  # a signal or train.exit_after_minutes: saved, exit 0
@@ -72,6 +74,7 @@ class Trainer:
         resume = D.broadcast_object(save_load.find_resume(cfg) if rank == 0 else None)
         meta = D.broadcast_object(read_meta(*resume) if rank == 0 and resume else None)
         self.growth = GrowthController(cfg, meta)  # the model size (growth stage) and LR segment
+        self.tasks = TaskEvaluator(cfg, self.data.tokenizer_path)  # checks eval.tasks' files before any work
         if resume:
             save_load.check_loadable(meta, cfg, self.growth.run.model, resume[0] / resume[1],
                                      self.data.tokenizer_sha256)
@@ -213,6 +216,12 @@ class Trainer:
             self.metrics.update(valid_loss=loss, valid_ppl=math.exp(min(loss, 50.0)))
             self.monitor.message(f"step {self.step}: validation loss {loss:.4f}, perplexity "
                                  f"{math.exp(min(loss, 50.0)):.2f}")
+
+    def evaluate_tasks_if_due(self) -> None:
+        if self.tasks.due(self.step):
+            with self.window.paused():
+                self.metrics.update(self.tasks.run(self.step, self.engine, self.growth.run, self.ps, self.vocab,
+                                                   self.dev, self.monitor.message))
 
     def evaluate(self) -> float:
         """Mean loss over eval.steps validation micro-batches per data-parallel rank."""

@@ -72,6 +72,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         kinds = ["true/false" if a is bool else "/".join(map(str, get_args(a))) if get_origin(a) is Literal
                  else a.__name__ for a in args]
         raise ConfigError(f"{key}={value!r} is not valid; choose {' or '.join(kinds)}")
+    if origin is list:  # a list of plain values (eval.tasks): [a, b] in YAML or on the command line, or a,b
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is not a list; write it as [a, b]")
+        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:

@@ -167,12 +167,26 @@ class LogConfig:
     corrupting it (set false only on a filesystem without file locks)."""
 
 
+# The zero-shot tasks eval.tasks may name (evaluation/offline.py holds their files' splits and counts).
+EVAL_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+
+
 @dataclass
 class EvalConfig:
     interval: int = 50
     """Validation every this many steps (and at the end); 0 disables."""
     steps: int = 4
     """Validation micro-batches per data-parallel rank."""
+    tasks: list[str] = field(default_factory=list)
+    """Zero-shot tasks to run on the live model, e.g. [piqa, hellaswag] (any of lambada_openai,
+    hellaswag, piqa, arc_easy, arc_challenge, winogrande; docs/EVAL.md). Their files must be prepared
+    first (python tools/prepare_eval_data.py). Empty: none."""
+    tasks_interval: int = 0
+    """Run eval.tasks every this many steps and at the end of the run; 0: only at the end."""
+    tasks_limit: Optional[int] = None
+    """Score only the first N documents of each task (None: all of them)."""
+    tasks_data: Optional[str] = None
+    """Directory of the prepared task files; None: $MEGATRON_TOKENFORMER_EVAL_DATA, else data/eval."""
 
 
 @dataclass

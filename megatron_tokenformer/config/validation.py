@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .schema import TOKEN_KEYS, Config, ConfigError, ModelConfig
+from .schema import EVAL_TASKS, TOKEN_KEYS, Config, ConfigError, ModelConfig
 
 
 def _valid_heads(m: ModelConfig, tensor: int) -> list[int]:
@@ -122,6 +122,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
     need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
          "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
+    _validate_tasks(cfg, need, world_size)
     need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
          "checkpoint.interval and checkpoint.keep_last must be >= 0")
     prev_step, stages = 0, cfg.model_stages()
@@ -158,6 +159,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
              "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+
+
+def _validate_tasks(cfg: Config, need, world_size: int | None) -> None:
+    e = cfg.eval
+    unknown = [t for t in e.tasks if t not in EVAL_TASKS]
+    need(not unknown, f"eval.tasks: unknown task {', '.join(map(str, unknown))}; known: {', '.join(EVAL_TASKS)}")
+    need(len(set(e.tasks)) == len(e.tasks), f"eval.tasks={e.tasks} names a task twice")
+    need(e.tasks_interval >= 0, f"eval.tasks_interval={e.tasks_interval} must be >= 0 (0: only at the end)")
+    need(e.tasks_limit is None or e.tasks_limit >= 1, f"eval.tasks_limit={e.tasks_limit} must be >= 1 or null")
+    if world_size is not None and e.tasks and e.tasks_limit is not None:
+        # the documents are split over all ranks, and lm-eval's evaluator fails on a rank that gets none
+        need(e.tasks_limit >= world_size, f"eval.tasks_limit={e.tasks_limit} is smaller than the {world_size} "
+                                          f"ranks the documents are split over; raise it to at least {world_size}")
 
 
 def _validate_blend(cfg: Config, need) -> None:
