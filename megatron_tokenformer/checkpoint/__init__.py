@@ -15,7 +15,9 @@ Layout of `checkpoint.dir`:
                               layer and tensor shard, `layer_LLL-tpTT.safetensors`, whole shards.
         rng-RRRRR.safetensors the RNG state of global rank RRRRR (restored when the layout is the same)
         manifest.json         size and sha256 of every file
-    step_00000200.partial/    one being written (never loaded)
+    step_00000200.partial/    one being written (never loaded); a background save
+                              (checkpoint.async_save) also holds each rank's done-RRRRR.json
+                              there until rank 0 commits
     latest                    name of the newest complete checkpoint (informational; resume scans)
 
 Nothing in reading a checkpoint depends on the data-parallel size, the ZeRO stage or the pipeline
