@@ -112,6 +112,7 @@ class Trainer:
         self.spikes_in_trouble = 0  # how many of those were spikes
         self.loss_mean = RunningMean(cfg.train.spike_window, meta.get("loss_mean") if resume else None)
         self.spike: dict | None = None  # this step's, if it is one: {"spike_loss", "spike_mean"}
+        self.judged = math.nan  # the loss _judge saw (averaged over data parallel)
         self.pending: save_load.AsyncSave | None = None  # a checkpoint being written in the background
         self.metrics: dict = {}  # this step's, logged by log()
         self.last: dict = {}  # the last logged row, and the last with validation metrics
@@ -281,8 +282,9 @@ class Trainer:
         """Save this step (after the checkpoint still being written, if any, is complete). `background`:
         return once this rank's part is copied to host memory; `wait_for_save()` completes it."""
         self.wait_for_save()
+        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state()}
         args = (self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples, self.run_info,
-                self.vocab, self.data.tokenizer_sha256, self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state()})
+                self.vocab, self.data.tokenizer_sha256, extra)
         if background:
             self.pending = save_load.AsyncSave(*args)
             path = self.pending.path
@@ -292,11 +294,11 @@ class Trainer:
         return path
 
     def wait_for_save(self) -> None:
-        """Every rank: complete the checkpoint being written in the background, if any."""
+        """Every rank: complete the checkpoint being written in the background, if any (callers inside
+        the loop pause the throughput window around it)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            with self.window.paused():
-                path = pending.wait()
+            path = pending.wait()
             self.monitor.message(f"step {self.step}: {path} is complete")
 
     def stop_requested(self) -> bool:

@@ -77,8 +77,13 @@ def _check_skip(rank, world):
     LR schedule exactly as they were, and counts the step as skipped; the next ordinary step updates."""
     from megatron_tokenformer.deepspeed_adapter import OptimizerState, step_without_update
 
-    for overrides in (["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
-                      ["parallel.zero_stage=1", "train.precision=bf16"]):
+    from deepspeed.accelerator import get_accelerator
+
+    layouts = [["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
+               ["parallel.zero_stage=1", "train.precision=bf16"]]
+    if get_accelerator().is_fp16_supported():  # not on a CPU without avx512_fp16/AMX-FP16
+        layouts.append(["parallel.zero_stage=1", "train.precision=fp16"])  # the loss scaler's path too
+    for overrides in layouts:
         engine, cfg = _engine(world, rank, overrides)
         gen = torch.Generator().manual_seed(rank)
         accum = cfg.grad_accum_steps(world)
