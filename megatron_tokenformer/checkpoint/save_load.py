@@ -83,7 +83,7 @@ def _snapshot(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: in
 
 def _write(tmp: Path, grid: D.Grid, pieces, rng, delay: float = 0.0) -> list[Path]:
     """Write this rank's pieces (every rank writes each of its layers, even an empty piece: any piece
-    describes the layer) and RNG state; `delay` seconds before each file (a test hook, see below)."""
+    describes the layer) and RNG state; `delay` seconds before each file (the test hook WRITE_DELAY_ENV)."""
     written = []
     for layer, tensors, offsets, shapes, dims, taus in pieces:  # one layer at a time: bounded host memory
         time.sleep(delay)
@@ -155,7 +155,7 @@ class AsyncSave:
         self.grid, self.ckpt_dir, self.tag = grid, cfg.checkpoint_dir, tag_for(step)
         self.path = self.ckpt_dir / self.tag
         self.error: str | None = None  # this rank's write failure
-        self.commit_error: str | None = None  # rank 0's
+        self.committed = False  # rank 0: renamed into place
         self._written = threading.Event()  # this rank's files and marker are done (or failed)
         self._cancel = threading.Event()  # rank 0: stop polling, another rank failed
         try:
@@ -180,8 +180,8 @@ class AsyncSave:
             del pieces, rng  # free the host copy as soon as it is on disk
             entries = {f.name: file_entry(f) for f in written}
             atomic_write_text(self.tmp / f"{DONE}{self.grid.rank:05d}.json", json.dumps(entries))
-        except (OSError, RuntimeError) as e:
-            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever it is, wait() reports it on every rank
+            self.error = str(e) or repr(e)
             return
         finally:
             self._written.set()
@@ -190,8 +190,9 @@ class AsyncSave:
                 known = self._poll()
                 if known is not None:
                     _commit(self.ckpt_dir, self.tag, self.tmp, meta, known, keep_last)
-            except (OSError, RuntimeError, ValueError) as e:
-                self.commit_error = str(e)
+                    self.committed = True
+            except Exception as e:  # noqa: BLE001
+                self.error = f"committing: {e}"
 
     def _poll(self) -> dict | None:
         """Rank 0: every rank's manifest entries, once all markers are there (None if cancelled). The
@@ -206,10 +207,6 @@ class AsyncSave:
             m.unlink()
         return known
 
-    def done(self) -> bool:
-        """Whether this rank's part is finished (rank 0: committed or failed)."""
-        return not self.thread.is_alive()
-
     def wait(self) -> Path:
         """Every rank, in the caller's thread: block until the checkpoint is complete and committed.
         Returns its path; raises CheckpointError on every rank if any rank's write or the commit failed."""
@@ -220,7 +217,10 @@ class AsyncSave:
             if errors:
                 self._cancel.set()
             self.thread.join()
-            problem = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or self.commit_error
+            errors |= {"rank 0": self.error} if self.error else {}  # a failed commit
+            problem = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+            if not (problem or self.committed):  # success is a rename, not the absence of an error
+                problem = "the background writer stopped without committing"
         else:
             self.thread.join()
         problem = D.broadcast_object(problem)
