@@ -8,6 +8,7 @@ setup(
     version="0.1.0",
     description="Pretrain and grow TokenFormer language models with tensor, pipeline and ZeRO data parallelism",
     packages=find_packages(include=["megatron_tokenformer", "megatron_tokenformer.*"]),
+    package_data={"megatron_tokenformer.evaluation": ["tasks/*.yaml"]},  # lm-eval task definitions
     python_requires=">=3.10",
     # torch is left open so GPU users keep the CUDA build they installed; on a CPU machine install
     # `torch==2.13.0` (the CPU wheel) first, as the README and .ci/run do.

@@ -13,6 +13,9 @@ this module reaches for:
 - the dynamic loss scaler's fields (`cur_scale`, `cur_iter`, `last_overflow_iter`,
   `cur_hysteresis`), carried across a resume;
 - the engine's step counters (`global_steps`, `global_samples`, `skipped_steps`);
+- `optimizer.overflow`, which the engine reads after the optimizer's step to count the step as
+  skipped and leave the LR schedule alone, and the wrapped torch optimizer as `optimizer.optimizer`
+  (ZeRO-1/2, bf16), to skip an update (`step_without_update`);
 - `PipelineModule._partition_layers`, `_set_bounds` and `_topo`, to cut the pipeline where our
   compute-balanced partition says;
 - how `DeepSpeedConfig` reads its dict (`get`, `[]`, `in`, `keys()` on a shallow copy), to list
@@ -76,13 +79,15 @@ class OptimizerState:
                                                for k in MOMENTS}}
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
-    def local(self, p: torch.nn.Parameter, dp_rank: int, dp_size: int) -> tuple[int, dict] | None:
+    def local(self, p: torch.nn.Parameter, dp_rank: int, dp_size: int,
+              copy: bool = False) -> tuple[int, dict] | None:
         """This rank's part of `p`'s fp32 master weight and Adam moments, read without communication:
         (offset in the flattened parameter, {"": weight, "exp_avg": ..., "exp_avg_sq": ...} as flat
         fp32 ranges), or None if this rank holds no part. ZeRO-1/2 / bf16: the fragment of this rank's
         flat partition (its ZeRO partition, so the ranks' parts tile the parameter). torch's AdamW
         (every rank holds everything): range `dp_rank` of `dp_size` equal contiguous ranges. The
-        ranges are views into the live state: write or copy them before the next step."""
+        ranges are views into the live state (write them before the next step), or with `copy`
+        copies of it."""
         if hasattr(p, "_hp_mapping"):
             frag = p._hp_mapping
             if frag is None:
@@ -105,7 +110,7 @@ class OptimizerState:
             for k in MOMENTS:
                 out[k] = st[k] if k in st else torch.zeros_like(p, dtype=torch.float32)
             out = {k: v.reshape(-1)[offset:end] for k, v in out.items()}
-        return offset, {k: v.detach().reshape(-1).to("cpu", torch.float32) for k, v in out.items()}
+        return offset, {k: v.detach().reshape(-1).to("cpu", torch.float32, copy=copy) for k, v in out.items()}
 
     def prepare(self, step: int) -> None:
         """Create the Adam state torch creates lazily at the first step, with `step` as its count."""
@@ -132,6 +137,40 @@ class OptimizerState:
             else:
                 for k in MOMENTS:
                     self.base.state[p][k].copy_(values[k].to(p.device))
+
+
+def step_without_update(engine) -> None:
+    """`engine.step()` at the end of a global batch, with the update skipped the way DeepSpeed skips a
+    step whose gradients overflowed: the gradients are cleared, the step counts (global_steps,
+    global_samples, skipped_steps) and the LR schedule does not move. The torch optimizer's own step
+    is made a no-op for the call, so the fp32 master weights, the Adam moments and Adam's step count
+    stay exactly as they were (ZeRO then copies the unchanged masters back into the working weights);
+    the optimizer's `overflow` flag, set after its step, tells the engine to count the step as
+    skipped. Zeroing the gradients instead would not do: Adam still moves weights through its
+    momentum, and its moments decay."""
+    outer = engine.optimizer
+    inner = getattr(outer, "optimizer", outer)  # the torch AdamW (ZeRO-0 fp32: the engine holds it bare)
+    had_flag = hasattr(outer, "overflow")
+    outer_step = outer.step
+
+    def skipping_step(*args, **kwargs):
+        if inner is not outer:  # ZeRO-1/2, bf16: their step clips, (not) updates, copies back, gathers
+            inner.step = lambda *a, **k: None
+            try:
+                outer_step(*args, **kwargs)
+            finally:
+                del inner.step
+        outer.overflow = True  # read by DeepSpeedEngine._take_model_step right after this call
+
+    outer.step = skipping_step
+    try:
+        engine.step()
+    finally:
+        del outer.step
+        if had_flag:
+            outer.overflow = False  # as their next step() starts
+        else:
+            del outer.overflow
 
 
 def loss_scaler_state(engine) -> dict:
@@ -260,6 +299,12 @@ def check_internals(engine=None) -> None:
         missing.append("tensor_fragment.get_hp_fragment")
     missing += [f"fragment_address.{k}" for k in ("start", "numel")
                 if k not in getattr(fragment_address, "__dataclass_fields__", {})]
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if "self.optimizer.overflow" not in inspect.getsource(DeepSpeedEngine._take_model_step):
+        missing.append("DeepSpeedEngine._take_model_step reading optimizer.overflow (step_without_update)")
     if engine is not None:
         missing += [f"DeepSpeedEngine.{k}" for k in ENGINE_COUNTERS if not hasattr(engine, k)]
         if type(engine.optimizer).__name__ in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):

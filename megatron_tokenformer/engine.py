@@ -10,6 +10,7 @@ import torch
 
 from . import distributed as D
 from .config import Config, ConfigError
+from .deepspeed_adapter import step_without_update
 from .model import TokenFormerModel
 from .pattention import resolve_impl
 from .pipeline import build_pipeline
@@ -134,24 +135,33 @@ def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[i
 # ---- step functions ---------------------------------------------------------------------------
 # Each takes the engine and this rank's micro-batches of one global batch (token ids, one longer
 # than the context: inputs and shifted labels) and returns the mean loss as a float, with one
-# device sync per call.
+# device sync per call. The train step takes `skip_update` too: None, or a function of this rank's
+# mean loss, called (by every rank) after the last backward and before the update, saying whether
+# to skip the update (train.spike_factor; not pipelined: the pipeline engine updates inside
+# train_batch).
 
 def _pairs(micros: list[torch.Tensor]):
     return iter([(m[:, :-1], m[:, 1:]) for m in micros])
 
 
-def _train_pipelined(engine, micros: list[torch.Tensor]) -> float:
+def _train_pipelined(engine, micros: list[torch.Tensor], skip_update=None) -> float:
+    assert skip_update is None, "validation refuses train.spike_factor with pipelines"
     # 1F1B over the micro-batches; the loss comes back averaged, on every stage
     return engine.train_batch(_pairs(micros)).item()
 
 
-def _train(engine, micros: list[torch.Tensor]) -> float:
+def _train(engine, micros: list[torch.Tensor], skip_update=None) -> float:
     losses = []
-    for m in micros:
+    for i, m in enumerate(micros):
         out = engine(m[:, :-1], m[:, 1:])
         engine.backward(out)
-        engine.step()  # DeepSpeed steps the optimizer at the last micro-batch of the accumulation
         losses.append(out.detach())
+        if skip_update is not None and i == len(micros) - 1:
+            loss = torch.stack(losses).mean().item()  # the whole batch's gradients are reduced by now
+            if skip_update(loss):
+                step_without_update(engine)
+                return loss
+        engine.step()  # DeepSpeed steps the optimizer at the last micro-batch of the accumulation
     return torch.stack(losses).mean().item()
 
 

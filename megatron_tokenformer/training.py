@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import subprocess
 import time
 import uuid
@@ -110,7 +111,12 @@ class Trainer:
         self.monitor = Monitor(cfg, self.grid.is_logger, self.run_info, self.step)
         self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
         self.window = _Window()
-        self.in_trouble = 0  # consecutive steps with a non-finite loss or gradients (DeepSpeed skips their update)
+        self.in_trouble = 0  # consecutive skipped steps: a non-finite loss or gradients, or a loss spike
+        self.spikes_in_trouble = 0  # how many of those were spikes
+        self.loss_mean = RunningMean(cfg.train.spike_window, meta.get("loss_mean") if resume else None)
+        self.spike: dict | None = None  # this step's, if it is one: {"spike_loss", "spike_mean"}
+        self.judged = math.nan  # the loss _judge saw (averaged over data parallel)
+        self.pending: save_load.AsyncSave | None = None  # a checkpoint being written in the background
         self.metrics: dict = {}  # this step's, logged by log()
         self.last: dict = {}  # the last logged row, and the last with validation metrics
         self.last_valid: dict = {}
@@ -151,6 +157,7 @@ class Trainer:
         with self.window.paused():
             if self.saved_at != self.step:
                 self.save()
+            self.wait_for_save()  # growth reads the checkpoint
             engine, self.engine = self.engine, None  # the controller frees it before building the grown one
             self.engine, entry = self.growth.grow(engine, self.step, self.ps, self.vocab)
             self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
@@ -162,23 +169,50 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over the global batch; its loss averaged over data parallel."""
         self.metrics = {}
+        self.spike = None
         self.engine.train()
         self.lr = self.engine.get_lr()[0]
         skipped_before = self.engine.skipped_steps
-        loss = self.steps.train(self.engine, [m.to(self.dev) for m in self.batches.next_step()])
+        judge = self._judge if self.cfg.train.spike_factor else None
+        loss = self.steps.train(self.engine, [m.to(self.dev) for m in self.batches.next_step()], judge)
         self.step += 1
         for note in self.batches.notes():  # e.g. a blended source starting its next epoch
             self.monitor.message(note)
-        (loss,) = D.all_reduce_mean([loss], self.dev, self.ps.dp_group)
+        if judge is not None:
+            loss = self.judged  # already averaged over data parallel (and maybe scaled by the test hook)
+        else:
+            (loss,) = D.all_reduce_mean([loss], self.dev, self.ps.dp_group)
         self.monitor.advance()
-        if self.engine.skipped_steps > skipped_before or not math.isfinite(loss):
+        if self.spike is not None:
+            self.in_trouble += 1
+            self.spikes_in_trouble += 1
+            self.metrics.update(self.spike)
+            self.monitor.message(f"step {self.step}: loss {loss:.4f} is above train.spike_factor="
+                                 f"{self.cfg.train.spike_factor:g} x the running mean {self.spike['spike_mean']:.4f}, "
+                                 f"update skipped ({self.in_trouble} in a row)")
+        elif self.engine.skipped_steps > skipped_before or not math.isfinite(loss):
             self.in_trouble += 1
             self.monitor.message(f"step {self.step}: non-finite loss or gradients, update skipped "
                                  f"({self.in_trouble} in a row)")
         else:
-            self.in_trouble = 0
+            self.in_trouble = self.spikes_in_trouble = 0
+            self.loss_mean.add(loss)  # only losses of applied updates enter the mean
         self.loss = loss
         self.window.add(loss)
+
+    def _judge(self, local_loss: float) -> bool:
+        """Called by the train step before the update (train.spike_factor): whether this batch's loss
+        is a spike. Every rank decides alike: the loss is averaged over data parallel, and the verdict
+        is agreed over the world (a rank that stepped while another skipped would hang ZeRO)."""
+        (loss,) = D.all_reduce_mean([local_loss], self.dev, self.ps.dp_group)
+        if self.step + 1 in _TEST_SPIKES:
+            loss *= 1000.0
+        spike = self.loss_mean.is_spike(loss, self.cfg.train.spike_factor)
+        spike = bool(D.all_reduce_max(int(spike), self.dev))
+        self.judged = loss
+        if spike:
+            self.spike = {"spike_loss": loss, "spike_mean": self.loss_mean.mean}
+        return spike
 
     def log(self) -> None:
         cfg = self.cfg
@@ -199,9 +233,18 @@ class Trainer:
                 self.last_valid = self.last
         limit = cfg.train.max_skipped_steps
         if limit and self.in_trouble >= limit:
+            self.wait_for_save()  # a checkpoint still being written is from before the trouble
             self.monitor.close()
             latest = cfg.checkpoint_dir / "latest"
             good = latest.read_text().strip() if latest.is_file() else None
+            if self.spikes_in_trouble:
+                raise TrainingError(
+                    f"{self.in_trouble} consecutive steps (up to step {self.step}) were skipped, "
+                    f"{self.spikes_in_trouble} of them for a loss above train.spike_factor={cfg.train.spike_factor:g} "
+                    f"x its running mean ({self.loss_mean.mean:.4f}); stopped. The newest checkpoint, "
+                    f"{good or 'none'}, was saved before: resume from it with a lower train.lr or a tighter "
+                    "train.grad_clip, or raise train.spike_factor or train.max_skipped_steps (a lasting rise "
+                    "of the loss, e.g. new data, also looks like a run of spikes: then set train.spike_factor=null)")
             raise TrainingError(
                 f"{self.in_trouble} consecutive steps (up to step {self.step}) had a non-finite loss or gradients; "
                 f"stopped. The newest checkpoint, {good or 'none'}, was saved before the trouble: resume "
@@ -236,16 +279,36 @@ class Trainer:
     def save_if_due(self) -> None:
         cfg = self.cfg
         due = (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or self.step == cfg.train.steps
-        if due and not self.in_trouble:  # never save a state from inside a run of non-finite steps
+        if due and not self.in_trouble:  # never save a state from inside a run of skipped steps
+            # the run's last checkpoint is written directly: nothing is left to overlap it with
+            background = cfg.checkpoint.async_save and self.step < cfg.train.steps
             with self.window.paused():
-                self.monitor.message(f"step {self.step}: saved {self.save()}")
+                path = self.save(background)
+            self.monitor.message(f"step {self.step}: {'saving' if background else 'saved'} {path}"
+                                 + (" in the background" if background else ""))
 
-    def save(self) -> Path:
-        path = save_load.save(self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples,
-                              self.run_info, self.vocab, self.data.tokenizer_sha256,
-                              extra_meta=self.growth.checkpoint_meta(), tokenizer_file=self.data.tokenizer_path)
+    def save(self, background: bool = False) -> Path:
+        """Save this step (after the checkpoint still being written, if any, is complete). `background`:
+        return once this rank's part is copied to host memory; `wait_for_save()` completes it."""
+        self.wait_for_save()
+        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state()}
+        args = (self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples, self.run_info,
+                self.vocab, self.data.tokenizer_sha256, extra)
+        if background:
+            self.pending = save_load.AsyncSave(*args, tokenizer_file=self.data.tokenizer_path)
+            path = self.pending.path
+        else:
+            path = save_load.save(*args, tokenizer_file=self.data.tokenizer_path)
         self.saved_at = self.step
         return path
+
+    def wait_for_save(self) -> None:
+        """Every rank: complete the checkpoint being written in the background, if any (callers inside
+        the loop pause the throughput window around it)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            path = pending.wait()
+            self.monitor.message(f"step {self.step}: {path} is complete")
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (agreed by all); if so, the state is saved."""
@@ -258,12 +321,14 @@ class Trainer:
         else:
             if self.saved_at != self.step:
                 self.save()
+            self.wait_for_save()
             self.monitor.message(f"step {self.step}: {reason}; saved the checkpoint and stopping. Run the same "
                                  "command to resume")
         return True
 
     def finish(self) -> dict:
         """Close the monitor after a summary of the run; returns the last logged metrics."""
+        self.wait_for_save()
         if self.cfg.deepspeed.get("comms_logger", {}).get("enabled"):
             import deepspeed.comm  # DeepSpeed prints its table only when asked (every rank calls: it syncs)
 
@@ -285,6 +350,32 @@ class Trainer:
                 "valid_ppl": self.last_valid.get("valid_ppl"),
                 "checkpoint": str(self.cfg.checkpoint_dir / latest.read_text().strip()) if latest.is_file() else None,
                 "metrics": str(self.cfg.run_dir / "metrics.jsonl")}
+
+
+class RunningMean:
+    """The running mean of accepted training losses that train.spike_factor compares each loss with:
+    after each accepted step, count += 1 and mean += (loss - mean) / min(count, window), so the exact
+    mean of the first `window` losses, then an exponential average with weight 1/window. A loss is a
+    spike once count >= window and loss > factor x mean. Kept in every checkpoint (`state()`)."""
+
+    def __init__(self, window: int, state: dict | None = None):
+        self.window = window
+        self.mean, self.count = (state["mean"], state["count"]) if state else (0.0, 0)
+
+    def add(self, loss: float) -> None:
+        self.count += 1
+        self.mean += (loss - self.mean) / min(self.count, self.window)
+
+    def is_spike(self, loss: float, factor: float) -> bool:
+        return math.isfinite(loss) and self.count >= self.window and loss > factor * self.mean
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+
+# Test hook: steps (comma-separated) whose loss train.spike_factor judges 1000 times too large, as a
+# real loss spike would be (tests/test_spikes.py). Only the judged and logged value is scaled.
+_TEST_SPIKES = {int(s) for s in os.environ.get("MEGATRON_TOKENFORMER_TEST_SPIKES", "").split(",") if s.strip()}
 
 
 class _Window:

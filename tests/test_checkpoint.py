@@ -135,8 +135,10 @@ def test_resume_skips_a_broken_checkpoint(corpus, runs, tmp_path):
     assert [m["step"] for m in metrics(run)] == [3, 4]
 
 
-def test_failed_write_stops_cleanly_and_keeps_the_previous(corpus, runs, tmp_path):
-    """A file-size limit (RLIMIT_FSIZE) set on the running trainer makes its next checkpoint write fail."""
+@pytest.mark.parametrize("background", [False, True], ids=["direct", "async_save"])
+def test_failed_write_stops_cleanly_and_keeps_the_previous(corpus, runs, tmp_path, background):
+    """A file-size limit (RLIMIT_FSIZE) set on the running trainer makes its next checkpoint write fail
+    (in the background: the run stops at the next save, which waits for it)."""
     import re
     import time
 
@@ -144,7 +146,8 @@ def test_failed_write_stops_cleanly_and_keeps_the_previous(corpus, runs, tmp_pat
     _copy(runs["single"], run / "checkpoints")
     log_path = tmp_path / "log.txt"
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yml"),
-           *DEEP, f"data.path={corpus}", f"log.dir={run}", "train.steps=200", "checkpoint.interval=1"]
+           *DEEP, f"data.path={corpus}", f"log.dir={run}", "train.steps=200", "checkpoint.interval=1",
+           f"checkpoint.async_save={str(background).lower()}"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
         # limit the process once it trains (DeepSpeed may compile an op at start-up, which needs the disk)

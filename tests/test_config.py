@@ -34,6 +34,10 @@ ERRORS = [
     (["steps=3"], ["section.key=value", "train.steps=20"], [["train.steps=3"]]),
     (["model.rotary_pct=0.3"], ["model.rotary_pct=0.3", "even", "change model.rotary_pct or model.num_heads"],
      [["model.rotary_pct=0.25"], ["model.rotary_pct=0.3", "model.num_heads=8"]]),
+    (["train.spike_factor=0.5"], ["train.spike_factor=0.5", "> 1", "null"], [["train.spike_factor=2.0"]]),
+    (["train.spike_factor=3", "parallel.pipeline=2"], ["train.spike_factor=3.0", "parallel.pipeline=2",
+                                                        "train.spike_factor=null"],
+     [["train.spike_factor=3.0", "parallel.pipeline=1"]]),
 ]
 
 

@@ -70,3 +70,50 @@ def test_internals_are_present_without_an_engine():
     from megatron_tokenformer.deepspeed_adapter import check_internals
 
     check_internals()
+
+
+def _check_skip(rank, world):
+    """step_without_update leaves the working weights, fp32 masters, Adam moments and step count, and the
+    LR schedule exactly as they were, and counts the step as skipped; the next ordinary step updates."""
+    from megatron_tokenformer.deepspeed_adapter import OptimizerState, step_without_update
+
+    from deepspeed.accelerator import get_accelerator
+
+    layouts = [["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
+               ["parallel.zero_stage=1", "train.precision=bf16"]]
+    if get_accelerator().is_fp16_supported():  # not on a CPU without avx512_fp16/AMX-FP16
+        layouts.append(["parallel.zero_stage=1", "train.precision=fp16"])  # the loss scaler's path too
+    for overrides in layouts:
+        engine, cfg = _engine(world, rank, overrides)
+        gen = torch.Generator().manual_seed(rank)
+        accum = cfg.grad_accum_steps(world)
+
+        def batch(last_step):
+            for i in range(accum):
+                ids = torch.randint(0, 64, (cfg.train.micro_batch_size, cfg.model.seq_length + 1), generator=gen)
+                engine.backward(engine(ids[:, :-1], ids[:, 1:]))
+                (last_step if i == accum - 1 else engine.step)()
+
+        def state():
+            opt = OptimizerState(engine)
+            out = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+            for n, p in engine.module.named_parameters():
+                out.update({f"{k}/{n}": v for k, v in opt.get(p).items()})  # collectives: every rank, same order
+            return out, opt.step(), engine.lr_scheduler.state_dict()["last_epoch"], engine.get_lr()[0]
+
+        batch(engine.step)  # the moments exist
+        before, skipped = state(), engine.skipped_steps
+        batch(lambda: step_without_update(engine))
+        after = state()
+        for k, v in before[0].items():
+            assert torch.equal(v, after[0][k]), (overrides, k)
+        assert before[1:] == after[1:], overrides  # Adam's step count, the LR schedule's position and the LR
+        assert engine.skipped_steps == skipped + 1 and engine.global_steps == 2, overrides
+        batch(engine.step)
+        changed = state()
+        assert changed[1] == before[1] + 1 and not torch.equal(changed[0]["embed.weight"], before[0]["embed.weight"])
+        del engine
+
+
+def test_a_skipped_update_changes_nothing_at_every_zero_stage():
+    run_on_ranks(2, _check_skip)

@@ -17,7 +17,9 @@ Layout of `checkpoint.dir`:
         tokenizer.model|.json the training data's tokenizer (meta.json "tokenizer": file, sha256), so the
                               checkpoint alone suffices to evaluate or generate
         manifest.json         size and sha256 of every file
-    step_00000200.partial/    one being written (never loaded)
+    step_00000200.partial/    one being written (never loaded); a background save
+                              (checkpoint.async_save) also holds each rank's done-RRRRR.json
+                              there until rank 0 commits
     latest                    name of the newest complete checkpoint (informational; resume scans)
 
 Nothing in reading a checkpoint depends on the data-parallel size, the ZeRO stage or the pipeline

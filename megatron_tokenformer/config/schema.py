@@ -97,7 +97,22 @@ class TrainConfig:
     seed: int = 1234
     """Seed of the model init, the data order and dropout."""
     max_skipped_steps: int = 10
-    """Stop after this many consecutive steps with a non-finite loss or gradients (0: never stop)."""
+    """Stop after this many consecutive skipped steps (a non-finite loss or gradients, or a loss spike:
+    train.spike_factor) (0: never stop)."""
+    spike_factor: Optional[float] = None
+    """Skip the update of a step whose loss (the global batch's mean, as logged) exceeds this many
+    times the running mean of recent losses, and log it (a `spike_loss` row in metrics.jsonl, a
+    console line); train.max_skipped_steps of them in a row stop the run. The running mean m over the
+    last accepted steps (steps whose update was applied; skipped ones never enter it), counted by c:
+    m <- m + (loss - m) / min(c, train.spike_window) after each, so the exact mean of the first
+    spike_window losses, then an exponential average with weight 1/spike_window. No step is judged
+    before c reaches spike_window. A skipped step is skipped as a non-finite one is: the step counts,
+    its data is consumed, parameters, Adam moments and the LR schedule stay as they were (fp16's loss
+    scale counts it as a step without overflow). m and c are in every checkpoint, so resume is exact.
+    None: off. Not with parallel.pipeline>1 (the pipeline engine steps inside its batch)."""
+    spike_window: int = 100
+    """Steps of the loss's running mean for train.spike_factor: its warm-up (no step is judged
+    before this many accepted steps) and the inverse weight of each new loss after it."""
     exit_after_minutes: Optional[float] = None
     """Stop cleanly (finish the step, save a checkpoint, exit 0) after this many minutes of wall
     clock, before a scheduler's time limit. None: no limit. SIGTERM and SIGUSR1 stop the same way."""
@@ -146,6 +161,12 @@ class CheckpointConfig:
     """Keep this many newest checkpoints (0 keeps all)."""
     load: Optional[str] = None
     """Start from this checkpoint directory when checkpoint.dir holds none (e.g. a grown model)."""
+    async_save: bool = False
+    """Write checkpoints in the background: the save copies this rank's part (fp32 weights, Adam
+    moments, RNG) to host memory, training goes on while a thread writes the files, and the
+    checkpoint becomes visible (renamed from step_N.partial) only once every rank's files are
+    complete. The next save, a growth, a stop and the end of the run wait for it first, and the
+    run's last checkpoint is written directly. Needs host memory for one copy of this rank's part."""
 
 
 @dataclass

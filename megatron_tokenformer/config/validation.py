@@ -116,6 +116,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
     need(t.exit_after_minutes is None or t.exit_after_minutes > 0,
          f"train.exit_after_minutes={t.exit_after_minutes} must be > 0 or null")
+    need(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1),
+         f"train.spike_factor={t.spike_factor} must be a number > 1 (a loss above that multiple of its running "
+         "mean is a spike; 2 or 3 are usual) or null (off)")
+    need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
     _validate_blend(cfg, need)
@@ -154,6 +158,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
          "data-parallel rank costs nothing)")
     if p.pipeline > 1:
+        need(t.spike_factor is None,
+             f"train.spike_factor={t.spike_factor} is not supported with parallel.pipeline={p.pipeline}: DeepSpeed's "
+             "pipeline engine applies the update inside its batch, before the loss can be judged; set "
+             "train.spike_factor=null (non-finite steps are still skipped)")
         need(t.compile is not True, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
