@@ -397,3 +397,25 @@ def test_converted_checkpoint_trains_at_tp2_from_its_weights(corpus, tmp_path):
     got = losses(run)[1]
     assert abs(got - want) <= 1e-5 * want and abs(want - math.log(512)) > 0.5, (got, want)
     print(f"TP=2 first loss {got:.6f}, load_model {want:.6f}")
+
+
+def test_imported_model_exported_to_transformers_reproduces_the_official_forward(corpus, tmp_path):
+    """Released file -> our checkpoint -> Hugging Face export: AutoModelForCausalLM computes the official
+    forward (float64, within 1e-5 as above)."""
+    from transformers import AutoModelForCausalLM
+
+    shape = dict(TINY, vocab=512)  # the corpus tokenizer's 512 ids: the export carries it
+    sd = official_random_state(**shape)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    convert("--from", "official", "--load", tmp_path / "pytorch_model.bin", "--config", "configs/tiny.yml",
+            *tiny_overrides(shape), "--save", tmp_path / "ckpt", "--tokenizer", corpus / "tokenizer.model")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--load", str(tmp_path / "ckpt"),
+                          "--format", "hf", "--out", str(tmp_path / "hf")], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                 dtype=torch.float64).eval()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err = rel_err(model(ids).logits, official_logits(sd, ids, TINY["num_heads"], "l2_norm_gelu"))
+    assert err <= 1e-5, err
