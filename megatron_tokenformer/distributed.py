@@ -175,6 +175,22 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj, group=None) -> list:
+    """Every rank of `group`'s object, in rank order, on every rank of it."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_tensor(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """`t` from global rank `src` of `group`, in place, on every rank of it."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.broadcast(t, src=src, group=group)
+    return t
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

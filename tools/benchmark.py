@@ -11,7 +11,8 @@ for backward per token (counted in eager mode), the tensor-parallel bytes each r
 token at the config's parallel.tensor (the formula tests check against mappings.py's counter), and
 the ratios against the baseline with their spread (min and max over rounds). `--check` first compares the fused
 Pattention with the reference on this device. `--decode N` also times greedy decoding of N new
-tokens with and without the KV cache (`--decode-only`: nothing else). Runs on one GPU or on the
+tokens with and without the KV cache, and loglikelihood scoring in requests/s as the lm-eval backend
+does it (`--decode-only`: nothing else). Runs on one GPU or on the
 CPU; needs no DeepSpeed.
 """
 from __future__ import annotations
@@ -186,6 +187,30 @@ def measure_decode(cfg, vocab: int, device, dtype, new_tokens: int, prompt_token
     return out
 
 
+def measure_scoring(cfg, vocab: int, device, dtype, requests: int = 256, batch_size: int = 16) -> dict:
+    """Loglikelihood scoring as the lm-eval backend does it (evaluation/scoring.py): requests/s of
+    random (context, continuation) pairs, contexts of a quarter to a half of seq_length and
+    continuations of 1-8 tokens (multiple-choice answers), batched by length."""
+    from megatron_tokenformer.evaluation.scoring import score_continuations
+
+    model = TokenFormerModel(cfg.model, vocab, seed=0).to(device=device, dtype=dtype).eval()
+    g, t = torch.Generator().manual_seed(0), cfg.model.seq_length
+
+    def rand(lo: int, hi: int) -> list[int]:
+        return torch.randint(0, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+
+    reqs = [(rand(max(1, t // 4), max(1, t // 2)), rand(1, 8)) for _ in range(requests)]
+    score_continuations(model, reqs[:batch_size], t, batch_size, device)  # warm up
+    sync(device)
+    start = time.perf_counter()
+    score_continuations(model, reqs, t, batch_size, device)
+    sync(device)
+    out = {"requests": requests, "batch_size": batch_size, "weights": "random",
+           "requests_per_sec": requests / (time.perf_counter() - start), "threads": torch.get_num_threads()}
+    print(json.dumps({"scoring": out}), flush=True)
+    return out
+
+
 def data_loader_fraction(cfg, step_s: float) -> float | None:
     """Time to produce one step's batches from the memory-mapped shards, as a fraction of a step."""
     try:
@@ -248,6 +273,7 @@ def main() -> None:
         print(json.dumps(result["check"], indent=1), flush=True)
     if args.decode or args.decode_only:
         result["decode"] = measure_decode(cfg, vocab, device, dtype, args.decode or 512)
+        result["scoring"] = measure_scoring(cfg, vocab, device, dtype)
     if args.decode_only:
         if args.json:
             with open(args.json, "w") as f:
@@ -315,6 +341,10 @@ def table(res: dict) -> str:
         lines.append(f"decoding {d['new_tokens']} tokens (greedy, batch 1, random weights): "
                      f"{d['cached_tokens_per_sec']:.1f} tokens/s with the KV cache, "
                      f"{d['uncached_tokens_per_sec']:.1f} without ({d['cache_speedup']:.1f}x)")
+    if res.get("scoring"):
+        sc = res["scoring"]
+        lines.append(f"loglikelihood scoring (lm-eval's multiple choice, batch {sc['batch_size']}): "
+                     f"{sc['requests_per_sec']:.1f} requests/s")
     if res.get("data_loader_fraction") is not None:
         lines.append(f"data loader: {100 * res['data_loader_fraction']:.2f}% of the fastest step")
     return "\n".join(lines)

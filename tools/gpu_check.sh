@@ -17,7 +17,7 @@ bench() {  # name, timeout, args...
     timeout "$limit" python tools/benchmark.py "$@" --steps 10 --warmup 3 --json "$out/$name.json" 2>&1 \
         | grep -v Warning | tee "$out/$name.log"
 }
-bench bench_150M 120 --config configs/150M.yml train.micro_batch_size=8 --check --rounds 2
+bench bench_150M 150 --config configs/150M.yml train.micro_batch_size=8 --check --rounds 2 --decode 512
 bench bench_450M 120 --config configs/450M.yml train.micro_batch_size=8 --variants fused,compiled --rounds 1
 
 # End to end through the launcher: a synthetic text corpus (random words), tokenized here.

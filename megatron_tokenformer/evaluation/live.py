@@ -22,7 +22,6 @@ import gc
 import time
 
 import torch
-import torch.distributed as dist
 
 from .. import distributed as D
 from .. import mappings as M
@@ -40,14 +39,6 @@ def _local_items(engine, cfg, pipelined: bool):
     return params, patts
 
 
-def _all_gather_object(obj, group) -> list:
-    if dist.get_world_size(group) == 1:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 @torch.no_grad()
 def full_model(engine, cfg, ps: D.ParallelState, vocab: int, device: torch.device):
     """A TokenFormerModel on this process holding the live engine's weights (fp32, eval mode).
@@ -61,13 +52,13 @@ def full_model(engine, cfg, ps: D.ParallelState, vocab: int, device: torch.devic
     mine = dict(params)
     # Which pipeline stage holds each parameter (the first one: the tied head's embedding copy is
     # the last stage's), and every Pattention's tau (a per-layer constant outside the parameters).
-    held = _all_gather_object(sorted(mine), ps.pp_group)
+    held = D.all_gather_object(sorted(mine), ps.pp_group)
     owner = {}
     for stage, names in enumerate(held):
         for n in names:
             owner.setdefault(n, stage)
     extra = {}
-    for part in _all_gather_object({n: m.get_extra_state() for n, m in patts}, ps.pp_group):
+    for part in D.all_gather_object({n: m.get_extra_state() for n, m in patts}, ps.pp_group):
         extra.update(part)
     model_cfg = dataclasses.replace(cfg.model, pattention_impl="fused", activation_checkpointing=False)
     with torch.device(device):  # random init here is overwritten below; built in place, no CPU copy
@@ -83,8 +74,7 @@ def full_model(engine, cfg, ps: D.ParallelState, vocab: int, device: torch.devic
         else:
             buf = torch.empty(p.shape, dtype=torch.float32, device=device)
         if pipelined:
-            dist.broadcast(buf, src=g.dp_rank * g.tensor * g.pipeline + stage * g.tensor + g.tp_rank,
-                           group=ps.pp_group)
+            D.broadcast_tensor(buf, g.dp_rank * g.tensor * g.pipeline + stage * g.tensor + g.tp_rank, ps.pp_group)
         state[n] = buf
     state.update({f"{n}._extra_state": s for n, s in extra.items()})
     model.load_state_dict(state)
