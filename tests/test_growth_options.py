@@ -1,7 +1,8 @@
 """Per-growth options of the `growth` list: the reference recipe in one launch (the function changes,
 the moments are zeroed), the LR re-warmup length, and freezing the old tokens for K steps (bit for bit,
 weights and Adam moments, then they train; a resume inside the window stays exact; the same from a
-checkpoint grown by tools/expand_params.py --freeze-old-steps)."""
+checkpoint grown by tools/expand_params.py --freeze-old-steps). Layouts: tensor 2 (the growth
+run and its resume), data 2 under ZeRO-1 (the run from the grown checkpoint), one process (unit)."""
 import json
 import shutil
 import subprocess
@@ -23,14 +24,15 @@ RUN = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model
 # step 2: exact, old tokens frozen for steps 3-4, no re-warmup; step 5: the reference recipe
 GROWTH = ("growth=[{at_step: 2, ffn_tokens: 64, freeze_old_steps: 2, warmup_steps: 0},"
           " {at_step: 5, qkv_tokens: 32, key_init: normal, tau: sqrt-n, reset_optimizer: true}]")
-NAME = "blocks.1.ffn.key_tokens"  # 32 -> 64 at step 2: rows 0-31 old, 32-63 new
+NAME = "blocks.1.ffn.key_tokens"  # 32 -> 64 at step 2 over 2 tensor shards: rows 0-15 and 32-47 old
+OLD = old_rows(32, 64, 2, 0, 1)
 
 
 def _ckpt(run, tag):
     return global_state(run / "checkpoints" / tag, moments=True)
 
 
-def _old_equal(a, b, rows=slice(0, 32)):
+def _old_equal(a, b, rows=OLD):
     """The old rows of every ffn key/value, weights and both moments, bit for bit."""
     (wa, ma, _), (wb, mb, _) = a, b
     names = [n for n in wa if ".ffn." in n and n.endswith("_tokens")]
@@ -41,7 +43,7 @@ def _old_equal(a, b, rows=slice(0, 32)):
 @pytest.fixture(scope="module")
 def grown_run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("opts") / "run"
-    launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=7", GROWTH], launcher="python")
+    launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=7", "parallel.tensor=2", GROWTH], nproc=2)
     return run
 
 
@@ -61,12 +63,12 @@ def test_options_reach_the_growth_and_the_freeze_is_exact(grown_run):
     assert reset_meta["lineage"][-1]["options"]["key_init"] == "normal"
 
     grown = _ckpt(run, "step_00000002_grown")
-    assert grown[2]["freeze_old"] == {"until_step": 4, "shards": 1,
+    assert grown[2]["freeze_old"] == {"until_step": 4, "shards": 2,
                                       "tokens": {"qkv_tokens": 16, "proj_tokens": 16, "ffn_tokens": 32}}
     for step in (3, 4):  # frozen: the old rows as at the growth; the new ones train
         now = _ckpt(run, f"step_{step:08d}")
         assert _old_equal(now, grown), step
-        assert not torch.equal(now[0][NAME][32:], grown[0][NAME][32:])
+        assert now[0][NAME][~OLD].ne(grown[0][NAME][~OLD]).all(-1).all()  # every new token trains
         assert now[0]["embed.weight"].ne(grown[0]["embed.weight"]).any()  # the rest trains
     assert not _old_equal(_ckpt(run, "step_00000005"), grown)  # the window ended after step 4
     lrs = {m["step"]: m["lr"] for m in metrics(run) if "lr" in m}
@@ -80,7 +82,7 @@ def test_resume_inside_the_freeze_window_is_exact(corpus, grown_run, tmp_path):
         if d.is_dir() and d.name > "step_00000003" and d.name != "step_00000002_grown":
             shutil.rmtree(d)
     (run / "checkpoints" / "latest").write_text("step_00000003")
-    launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=7", GROWTH], launcher="python")
+    launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=7", "parallel.tensor=2", GROWTH], nproc=2)
     assert losses(run) == {s: v for s, v in losses(grown_run).items() if s > 3}
     a, b = _ckpt(run, "step_00000007"), _ckpt(grown_run, "step_00000007")
     assert all(torch.equal(a[0][n], b[0][n]) for n in a[0] if isinstance(a[0][n], torch.Tensor))
@@ -95,9 +97,9 @@ def test_expand_tool_records_the_freeze_and_the_run_obeys(corpus, grown_run, tmp
     assert out.returncode == 0, out.stderr
     meta = json.loads((dst / "step_00000001" / "meta.json").read_text())
     assert meta["freeze_old"]["until_step"] == 2
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # at data=2 (ZeRO-1 partitions) from a tensor=2 source
     launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.steps=3", "model.ffn_tokens=64",
-                  f"checkpoint.load={dst}"], launcher="python")
+                  f"checkpoint.load={dst}"], nproc=2)
     start = global_state(dst, moments=True)
     assert _old_equal(_ckpt(run, "step_00000002"), start) and not _old_equal(_ckpt(run, "step_00000003"), start)
 
