@@ -188,6 +188,11 @@ def main() -> int:
         finals = [_at(curves[arm][s], total) for s in seeds]
         summary["arms"][arm] = {"targets": per_target, "loss_at_scratch_flops": _stats(finals),
                                 "loss_at_scratch_flops_per_seed": finals}
+    if "exact" in arms:  # at equal FLOPs, paired by seed: below 0 is better than exact growth
+        ref = summary["arms"]["exact"]["loss_at_scratch_flops_per_seed"]
+        for arm in arms:
+            mine = summary["arms"][arm]["loss_at_scratch_flops_per_seed"]
+            summary["arms"][arm]["loss_minus_exact"] = _stats([a - b for a, b in zip(mine, ref)])
     summary["widest_crossing_bracket"] = widest
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -197,19 +202,22 @@ def main() -> int:
                                                  + fmt.format(st["max"]) + ")")
 
     head = "| arm | " + " | ".join(f"to {t:.3f} ({fr:g} of scratch)" for fr, t in zip(fractions, targets)) \
-           + " | valid loss at the scratch FLOPs |"
+           + " | valid loss at the scratch FLOPs | minus exact's (same seed) |"
     lines = [f"Sizes (qkv, proj, ffn tokens): " + " -> ".join(str(tuple(s.values())) for s in sizes)
              + f"; growth at steps {at}; scratch {args.steps} steps, grown runs {grown_steps} steps (equal "
              f"training FLOPs, {total:.3g}); seeds {seeds}; evaluation every {args.eval_interval} steps "
              f"(widest crossing bracket {widest:.1%} of its FLOPs).", "",
              "FLOPs to reach each target validation loss, as a ratio to the same seed's scratch run: mean "
-             "(min-max) over seeds; last column: validation loss at the scratch run's total FLOPs.", "",
-             head, "|" + "---|" * (len(targets) + 2)]
+             "(min-max) over seeds; last columns: validation loss at the scratch run's total FLOPs, and its "
+             "difference to the exact arm's, seed by seed.", "",
+             head, "|" + "---|" * (len(targets) + 3)]
     for arm in arms:
         a = summary["arms"][arm]
         cells = [cell(x["flops_ratio"]) + ("" if x["seeds_reached"] == len(seeds) else
                                            f" [{x['seeds_reached']}/{len(seeds)} seeds]") for x in a["targets"]]
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {cell(a['loss_at_scratch_flops'], '{:.3f}')} |")
+        diff = a.get("loss_minus_exact")
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {cell(a['loss_at_scratch_flops'], '{:.3f}')} | "
+                     + (cell(diff, "{:+.3f}") if diff else "") + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(out / "growth_matrix.png", curves, targets, total, stages, at)
@@ -223,12 +231,14 @@ def _plot(path: Path, curves: dict, targets: list[float], total: float, stages, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    lowest = min(targets)
     for arm, by_seed in curves.items():
         start = max(c[0][1] for c in by_seed.values())
         end = min(c[-1][1] for c in by_seed.values())
         grid = [start + (end - start) * i / 200 for i in range(201)]
         vals = [[_at(c, f) for c in by_seed.values()] for f in grid]
         mean = [sum(v) / len(v) for v in vals]
+        lowest = min(lowest, *(min(v) for v in vals))
         line, = ax.plot(grid, mean, lw=1.2, label=f"{arm} (mean of {len(by_seed)} seeds)")
         ax.fill_between(grid, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
     f = 0.0  # where the grown runs grow
@@ -237,8 +247,7 @@ def _plot(path: Path, curves: dict, targets: list[float], total: float, stages, 
         ax.axvline(f, color="gray", lw=0.5, ls=":")
     for t in targets:
         ax.axhline(t, color="gray", lw=0.6, ls="--")
-    lo = min(targets) - 0.25
-    ax.set_ylim(lo, max(targets) + 1.0)
+    ax.set_ylim(lowest - 0.05, max(targets) + 1.0)
     ax.set_xlim(0, total * 1.01)
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel("validation loss")
