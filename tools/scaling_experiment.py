@@ -198,7 +198,7 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     def cell(st, fmt="{:.2f}"):
-        return "not reached" if st is None else (fmt.format(st["mean"]) + " (" + fmt.format(st["min"]) + "-"
+        return "not reached" if st is None else (fmt.format(st["mean"]) + " (" + fmt.format(st["min"]) + " to "
                                                  + fmt.format(st["max"]) + ")")
 
     head = "| arm | " + " | ".join(f"to {t:.3f} ({fr:g} of scratch)" for fr, t in zip(fractions, targets)) \
@@ -208,7 +208,7 @@ def main() -> int:
              f"training FLOPs, {total:.3g}); seeds {seeds}; evaluation every {args.eval_interval} steps "
              f"(widest crossing bracket {widest:.1%} of its FLOPs).", "",
              "FLOPs to reach each target validation loss, as a ratio to the same seed's scratch run: mean "
-             "(min-max) over seeds; last columns: validation loss at the scratch run's total FLOPs, and its "
+             "(min to max) over seeds; last columns: validation loss at the scratch run's total FLOPs, and its "
              "difference to the exact arm's, seed by seed.", "",
              head, "|" + "---|" * (len(targets) + 3)]
     for arm in arms:
