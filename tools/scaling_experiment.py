@@ -14,7 +14,9 @@ Arms (each run once per seed, --seeds; seed = train.seed: init and data order):
   freeze         exact, with the old tokens frozen for --freeze-steps steps after each growth;
   rewarm-0, rewarm-short
                  exact, with an LR re-warmup of 0 and --short-warmup steps after each growth
-                 (exact itself re-warms as long as the first warmup).
+                 (exact itself re-warms as long as the first warmup);
+  start-size     a control: the first stage's size trained from scratch without growing, for the
+                 scratch run's FLOPs (if it does as well, growth saved nothing the final size needed).
 Accounting: for each target validation loss (the scratch runs' loss at --targets fractions of their
 FLOPs, the highest over seeds, so every scratch seed reaches it) the FLOPs each run needs to reach it,
 interpolated linearly between evaluations, as a ratio to the same seed's scratch run; mean, min and
@@ -112,7 +114,7 @@ def main() -> int:
     ap.add_argument("--factors", default="0.25,0.5,1", help="token counts of the growth stages, x the config's")
     ap.add_argument("--grow-at", default="0.25,0.5", help="growth steps as fractions of --steps")
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--arms", default="scratch,exact,official,freeze,rewarm-0,rewarm-short")
+    ap.add_argument("--arms", default="scratch,exact,official,freeze,rewarm-0,rewarm-short,start-size")
     ap.add_argument("--freeze-steps", type=int, default=25, help="freeze_old_steps of the freeze arm")
     ap.add_argument("--short-warmup", type=int, default=5, help="warmup_steps after growth of rewarm-short")
     ap.add_argument("--targets", default="0.5,0.75,1", help="target losses: the scratch runs' at these FLOPs fractions")
@@ -138,6 +140,7 @@ def main() -> int:
     before = sum((b - a) * f for a, b, f in zip([0, *at], at, step_flops))
     grown_steps = at[-1] + round((args.steps * step_flops[-1] - before) / step_flops[-1])
     stages = list(zip([0, *at], step_flops))
+    small_steps = round(args.steps * step_flops[-1] / step_flops[0])  # start-size: the scratch run's FLOPs
     opts = {"exact": {}, "official": {"key_init": "normal", "tau": "sqrt-n", "reset_optimizer": True},
             "freeze": {"freeze_old_steps": args.freeze_steps}, "rewarm-0": {"warmup_steps": 0},
             "rewarm-short": {"warmup_steps": args.short_warmup}}
@@ -152,6 +155,8 @@ def main() -> int:
         for arm in arms:
             if arm == "scratch":
                 ov = [f"model.{k}={v}" for k, v in sizes[-1].items()] + [f"train.steps={args.steps}"]
+            elif arm == "start-size":
+                ov = [f"model.{k}={v}" for k, v in sizes[0].items()] + [f"train.steps={small_steps}"]
             else:
                 growth = [dict(at_step=a, **s, **opts[arm]) for a, s in zip(at, sizes[1:])]
                 ov = [f"model.{k}={v}" for k, v in sizes[0].items()] + [f"train.steps={grown_steps}",
@@ -161,14 +166,14 @@ def main() -> int:
         for f in [pool.submit(_train, name, out / name, args, ov) for name, ov in jobs]:
             f.result()
 
-    curves = {arm: {s: _curve(out / f"{arm}-s{s}", [(0, step_flops[-1])] if arm == "scratch" else stages)
-                    for s in seeds} for arm in arms}
+    flat = {"scratch": [(0, step_flops[-1])], "start-size": [(0, step_flops[0])]}
+    curves = {arm: {s: _curve(out / f"{arm}-s{s}", flat.get(arm, stages)) for s in seeds} for arm in arms}
     total = args.steps * step_flops[-1]
     fractions = [float(x) for x in args.targets.split(",")]
     targets = [max(_at(curves["scratch"][s], fr * total) for s in seeds) for fr in fractions]
     widest = 0.0
     summary = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "sizes": sizes,
-               "growth_steps": at, "scratch_steps": args.steps, "grown_steps": grown_steps,
+               "growth_steps": at, "scratch_steps": args.steps, "grown_steps": grown_steps, "start_size_steps": small_steps,
                "flops_per_step": step_flops, "scratch_flops": total, "eval_interval": args.eval_interval,
                "eval_steps": args.eval_steps, "freeze_steps": args.freeze_steps, "short_warmup": args.short_warmup,
                "targets": [{"fraction_of_scratch_flops": fr, "valid_loss": t} for fr, t in zip(fractions, targets)],
