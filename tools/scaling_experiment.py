@@ -30,6 +30,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _train(name: str, run: Path, args, overrides: list[str]) -> None:
+def _train(name: str, run: Path, args, overrides: list[str], gpus=None) -> None:
     steps = int(next(o for o in overrides if o.startswith("train.steps=")).split("=")[1])
     if any(r.get("step") == steps and "valid_loss" in r for r in _rows(run)):
         print(f"{name}: reusing {run}", flush=True)
@@ -55,9 +56,17 @@ def _train(name: str, run: Path, args, overrides: list[str]) -> None:
            f"log.dir={run}", f"log.run_name=growth-{name}"]
     print(f"{name}: {' '.join(cmd[2:])}", flush=True)
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "stdout.log", "a") as log:
-        subprocess.run(["nice", "-n", str(args.nice), *cmd], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    gpu = gpus.get() if gpus else None  # one GPU of --gpus per run
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        with open(run / "stdout.log", "a") as log:
+            subprocess.run(["nice", "-n", str(args.nice), *cmd], cwd=ROOT, check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=env)
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
     print(f"{name}: done", flush=True)
 
 
@@ -124,6 +133,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: each run gets one (use --jobs up to their number)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = ap.parse_args()
 
@@ -162,8 +172,13 @@ def main() -> int:
                 ov = [f"model.{k}={v}" for k, v in sizes[0].items()] + [f"train.steps={grown_steps}",
                                                                       "growth=" + json.dumps(growth)]
             jobs.append((f"{arm}-s{seed}", common + ov + [f"train.seed={seed}"]))
+    gpus = None
+    if args.gpus:
+        gpus = queue.Queue()
+        for g in args.gpus.split(","):
+            gpus.put(g)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for f in [pool.submit(_train, name, out / name, args, ov) for name, ov in jobs]:
+        for f in [pool.submit(_train, name, out / name, args, ov, gpus) for name, ov in jobs]:
             f.result()
 
     flat = {"scratch": [(0, step_flops[-1])], "start-size": [(0, step_flops[0])]}
