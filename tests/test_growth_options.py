@@ -91,9 +91,9 @@ def test_resume_inside_the_freeze_window_is_exact(corpus, grown_run, tmp_path):
 
 def test_expand_tool_records_the_freeze_and_the_run_obeys(corpus, grown_run, tmp_path):
     dst = tmp_path / "grown"
-    out = subprocess.run([sys.executable, "tools/expand_params.py", "--load", grown_run / "checkpoints" / "step_00000001",
-                          "--save", dst, "--ffn-tokens", "64", "--freeze-old-steps", "1"], cwd=ROOT, env=env(),
-                         capture_output=True, text=True)
+    src = grown_run / "checkpoints" / "step_00000001"
+    out = subprocess.run([sys.executable, "tools/expand_params.py", "--load", src, "--save", dst, "--ffn-tokens", "64",
+                          "--freeze-old-steps", "1"], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     meta = json.loads((dst / "step_00000001" / "meta.json").read_text())
     assert meta["freeze_old"]["until_step"] == 2
@@ -118,6 +118,9 @@ def test_bad_growth_options_are_named(entry, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         validate(load_config(ROOT / "configs" / "tiny.yml",
                              ["train.steps=10", f"growth=[{{at_step: 5, ffn_tokens: 1024, {entry}}}]"]))
+
+
+def test_freeze_is_refused_where_untested():
+    piped = ["train.steps=10", "parallel.pipeline=2", "growth=[{at_step: 5, ffn_tokens: 1024, freeze_old_steps: 2}]"]
     with pytest.raises(ConfigError, match=r"growth\[0\].freeze_old_steps: not supported with parallel.pipeline"):
-        validate(load_config(ROOT / "configs" / "tiny.yml", ["train.steps=10", "parallel.pipeline=2",
-                                                            "growth=[{at_step: 5, ffn_tokens: 1024, freeze_old_steps: 2}]"]))
+        validate(load_config(ROOT / "configs" / "tiny.yml", piped))

@@ -188,7 +188,8 @@ def main() -> int:
     targets = [max(_at(curves["scratch"][s], fr * total) for s in seeds) for fr in fractions]
     widest = 0.0
     summary = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "sizes": sizes,
-               "growth_steps": at, "scratch_steps": args.steps, "grown_steps": grown_steps, "start_size_steps": small_steps,
+               "growth_steps": at, "scratch_steps": args.steps, "grown_steps": grown_steps,
+               "start_size_steps": small_steps,
                "flops_per_step": step_flops, "scratch_flops": total, "eval_interval": args.eval_interval,
                "eval_steps": args.eval_steps, "freeze_steps": args.freeze_steps, "short_warmup": args.short_warmup,
                "targets": [{"fraction_of_scratch_flops": fr, "valid_loss": t} for fr, t in zip(fractions, targets)],
