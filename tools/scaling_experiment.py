@@ -187,7 +187,8 @@ def main() -> int:
     fractions = [float(x) for x in args.targets.split(",")]
     targets = [max(_at(curves["scratch"][s], fr * total) for s in seeds) for fr in fractions]
     widest = 0.0
-    summary = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "sizes": sizes,
+    config = Path(args.config).resolve()
+    summary = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config, "overrides": args.overrides, "seeds": seeds, "sizes": sizes,
                "growth_steps": at, "scratch_steps": args.steps, "grown_steps": grown_steps,
                "start_size_steps": small_steps,
                "flops_per_step": step_flops, "scratch_flops": total, "eval_interval": args.eval_interval,
