@@ -112,6 +112,21 @@ class OptimizerState:
             out = {k: v.reshape(-1)[offset:end] for k, v in out.items()}
         return offset, {k: v.detach().reshape(-1).to("cpu", torch.float32, copy=copy) for k, v in out.items()}
 
+    def live(self, p: torch.nn.Parameter) -> tuple[int, dict] | None:
+        """This rank's fp32 master weight and Adam moments of `p` as live flat views on the device
+        (writing them writes the optimizer's state): (offset in the flattened parameter, {"": weight,
+        "exp_avg": ..., "exp_avg_sq": ...}), or None if this rank holds no part. ZeRO-1/2 / bf16: its
+        fragment of the flat partition; torch's AdamW: the whole parameter. Needs the Adam state to
+        exist (after a step or prepare())."""
+        if hasattr(p, "_hp_mapping"):
+            frag = p._hp_mapping
+            if frag is None:
+                return None
+            return frag.lp_fragment_address.start, {"": frag.hp_fragment,
+                                                    **{k: frag.get_hp_fragment(k) for k in MOMENTS}}
+        st = self.base.state[p]
+        return 0, {"": p.data.view(-1), **{k: st[k].view(-1) for k in MOMENTS}}
+
     def prepare(self, step: int) -> None:
         """Create the Adam state torch creates lazily at the first step, with `step` as its count."""
         for group in self.base.param_groups:

@@ -16,13 +16,15 @@ from .pattention import resolve_impl
 from .pipeline import build_pipeline
 
 
-def lr_lambda(cfg: Config, start: int = 0, end: int | None = None):
+def lr_lambda(cfg: Config, start: int = 0, end: int | None = None, warmup: int | None = None):
     """Multiplier of train.lr after `k` optimizer steps of a schedule running from step `start` to
-    `end` (train.steps; a growth stage ends at the next growth): linear warmup, cosine to min_lr
-    over train.decay_steps (None: the whole segment), then flat."""
+    `end` (train.steps; a growth stage ends at the next growth): linear warmup over `warmup` steps
+    (None: train.warmup_steps; a growth's own warmup_steps), cosine to min_lr over train.decay_steps
+    (None: the whole segment), then flat."""
     t = cfg.train
     end = t.steps if end is None else end
-    warmup, decay, floor = t.warmup_steps, t.decay_steps or max(1, end - start), t.min_lr / t.lr
+    warmup = t.warmup_steps if warmup is None else warmup
+    decay, floor = t.decay_steps or max(1, end - start), t.min_lr / t.lr
 
     def f(step: int) -> float:
         if step < warmup:
@@ -111,8 +113,8 @@ def speed_choices(cfg: Config) -> dict:
 
 def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[int, int]):
     """The model (pipelined or not), AdamW and its LR schedule (running over the steps
-    `schedule` = (start, end)) in a DeepSpeed engine; returns (engine, the pipeline partition
-    as text, or None)."""
+    `schedule` = (start, end[, warmup]), lr_lambda's arguments) in a DeepSpeed engine; returns
+    (engine, the pipeline partition as text, or None)."""
     import deepspeed
 
     partition_text = None

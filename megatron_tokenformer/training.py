@@ -97,6 +97,7 @@ class Trainer:
         if resume:
             save_load.load(self.engine, self.growth.run, self.grid, *resume, meta)
         self.step = meta["step"] if resume else 0
+        self.growth.start_freeze(self.engine, self.step, self.grid)  # resumed inside a freeze_old_steps window
         self.saved_at = self.step if resume else None  # the step whose checkpoint exists
         self.batches = train_batches(train_set, cfg.train.seed, cfg.train.global_batch_size,
                                      cfg.train.micro_batch_size, self.grid.dp_rank, self.grid.data,
@@ -176,6 +177,7 @@ class Trainer:
         judge = self._judge if self.cfg.train.spike_factor else None
         loss = self.steps.train(self.engine, [m.to(self.dev) for m in self.batches.next_step()], judge)
         self.step += 1
+        self.growth.after_step(self.step)  # frozen old tokens (freeze_old_steps) written back
         for note in self.batches.notes():  # e.g. a blended source starting its next epoch
             self.monitor.message(note)
         if judge is not None:

@@ -9,6 +9,8 @@ spread evenly over the source's tensor shards. By default the grown model comput
 function (new keys zero, new values from the value init, tau kept), carries the Adam moments of
 the old tokens (zero for the new ones) and the step count; the LR schedule restarts from the
 grown run's config; the data position continues. --scale F multiplies every token count by F.
+The reference code's recipe: --key-init normal --tau sqrt-n --reset-optimizer. --freeze-old-steps K:
+the run started from the result (checkpoint.load) keeps the old tokens fixed for its first K steps.
 """
 import argparse
 import sys
@@ -32,9 +34,13 @@ def main() -> int:
     ap.add_argument("--tau", choices=TAUS, default="keep", help="keep (exact) or sqrt-n (the paper's code)")
     ap.add_argument("--reset-optimizer", action="store_true", help="zero all Adam moments and the step count")
     ap.add_argument("--seed", type=int, help="seed of the new tokens (default: train.seed + step)")
+    ap.add_argument("--freeze-old-steps", type=int, default=0, metavar="K",
+                    help="the grown run keeps the old tokens (weights and Adam moments) fixed for its first K "
+                         "steps (recorded in meta.json as freeze_old; not with pipeline parallelism)")
     args = ap.parse_args()
     opts = GrowthOptions(key_init=args.key_init, value_init=args.value_init, tau=args.tau,
-                         reset_optimizer=args.reset_optimizer, seed=args.seed)
+                         reset_optimizer=args.reset_optimizer, seed=args.seed,
+                         freeze_old_steps=args.freeze_old_steps)
     try:
         counts = {k: getattr(args, k) for k in TOKEN_KEYS}
         if args.scale is not None:

@@ -222,6 +222,22 @@ class GrowthStage:
     """model.proj_tokens from this step on (None: unchanged)."""
     ffn_tokens: Optional[int] = None
     """model.ffn_tokens from this step on (None: unchanged)."""
+    key_init: Literal["zero", "normal"] = "zero"
+    """New keys: zero (exact) or normal(model.init_std), the reference code's (changes the function)."""
+    tau: Literal["keep", "sqrt-n"] = "keep"
+    """keep each layer's tau (exact) or sqrt-n: recompute it for the new token count, the reference
+    code's (changes the function)."""
+    reset_optimizer: bool = False
+    """Zero all Adam moments and the step count at this growth (the reference code) instead of
+    carrying the old tokens' moments."""
+    warmup_steps: Optional[int] = None
+    """LR warmup of the schedule that starts at this growth (0: none, straight into the decay).
+    None: train.warmup_steps."""
+    freeze_old_steps: int = 0
+    """For the first this many steps after this growth the tokens that existed before it stay fixed,
+    weights and Adam moments bit for bit; only the new tokens (and the embedding, final norm) train.
+    The window must end by the next growth. Layouts: any tensor and data size, ZeRO 0-2, no
+    pipeline parallelism or ZeRO-Offload."""
 
 
 TOKEN_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
@@ -245,7 +261,8 @@ class Config:
     """Validation."""
     growth: list[GrowthStage] = field(default_factory=list)
     """Incremental scaling in one launch: a list of stages `{at_step, qkv_tokens, proj_tokens,
-    ffn_tokens}`; `model` holds the starting size."""
+    ffn_tokens}` (and per-growth options: key_init, tau, reset_optimizer, warmup_steps,
+    freeze_old_steps); `model` holds the starting size."""
     deepspeed: dict = field(default_factory=dict)
     """DeepSpeed settings this config does not model, nested as in a DeepSpeed JSON config (e.g.
     `zero_optimization: {overlap_comm: true}`), merged into the engine's config (written to

@@ -72,6 +72,16 @@ def _check_deepspeed(cfg: Config) -> None:
                               "checkpoints store and reshard them in fp32; remove it")
 
 
+def freeze_layout_problem(cfg: Config) -> str | None:
+    """Why freezing the old tokens (freeze_old_steps) cannot run at this layout, or None. Tested at
+    tensor and data parallelism under ZeRO 0-2; not with pipeline stages or ZeRO-Offload."""
+    if cfg.parallel.pipeline > 1:
+        return f"not supported with parallel.pipeline={cfg.parallel.pipeline}; use parallel.pipeline=1"
+    if str(_leaves(cfg.deepspeed).get("zero_optimization.offload_optimizer.device", "none")) != "none":
+        return "not supported with deepspeed.zero_optimization.offload_optimizer; remove it"
+    return None
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Refuse impossible settings before any work. With world_size, also check the layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -142,6 +152,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
         need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
                                          "or ffn_tokens")
+        need(g.warmup_steps is None or g.warmup_steps >= 0,
+             f"growth[{i}].warmup_steps={g.warmup_steps} must be >= 0 or null (train.warmup_steps)")
+        end = cfg.segment_end(i + 1)
+        need(0 <= g.freeze_old_steps <= end - g.at_step,
+             f"growth[{i}].freeze_old_steps={g.freeze_old_steps} must be >= 0 and end by the next growth or "
+             f"train.steps (at most {end - g.at_step})")
+        if g.freeze_old_steps:
+            need(freeze_layout_problem(cfg) is None, f"growth[{i}].freeze_old_steps: {freeze_layout_problem(cfg)}")
     _check_deepspeed(cfg)
     if world_size is not None:
         mp = p.tensor * p.pipeline

@@ -47,6 +47,9 @@ class GrowthOptions:
     """Zero all Adam moments and the step count (the reference behaviour) instead of carrying them."""
     seed: int | None = None
     """Seed of the new tokens' init (None: train.seed + step of the source)."""
+    freeze_old_steps: int = 0
+    """Keep the old tokens (weights and Adam moments) fixed for this many steps of the grown run:
+    recorded as meta.json's `freeze_old` (growth/freeze.py), which the run started from it obeys."""
 
     def warnings(self, norm: str = "l2_norm_gelu") -> list[str]:
         out = []
@@ -149,6 +152,8 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
     """Grow the checkpoint at `src` (a checkpoint dir or one step_* in it) to the token `counts`
     ({qkv_tokens: N, ...}; missing keys unchanged) and write it as `dst`/<tag> (default: the source's
     step tag). Returns (the new step directory, its lineage entry). The source is only read."""
+    if opts.freeze_old_steps < 0:
+        raise GrowthError(f"--freeze-old-steps={opts.freeze_old_steps} must be >= 0")
     state, moments, meta = global_state(src, moments=True)
     old_cfg = config_from_dict(meta["config"])
     model = old_cfg.model
@@ -176,5 +181,9 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
                     optimizer_step=0 if opts.reset_optimizer else meta["optimizer_step"])
     dims = meta["partition_dims"]
     new_meta.pop("partition_dims")
+    # the window counts from the source's step; a record carried from the source would be stale
+    new_meta["freeze_old"] = ({"until_step": meta["step"] + opts.freeze_old_steps, "shards": T,
+                               "tokens": {k: getattr(model, k) for k in TOKEN_KEYS}}
+                              if opts.freeze_old_steps else None)
     write(new_state, new_moments, new_meta, dims, dst, tokenizer=find_tokenizer(resolved_dir(src)))
     return dst, entry
