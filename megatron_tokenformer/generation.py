@@ -11,7 +11,7 @@ is tested against, and the baseline of the decode benchmark.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +53,6 @@ class Generated:
     """Why decoding ended: eod, stop, length (max_new_tokens) or context (the model's seq_length)."""
     prompt_tokens: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
     text: str = ""
     """The new tokens decoded (generate_text only)."""
 
@@ -72,8 +71,8 @@ def _pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1:
         sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix reaching top_p
         logits = logits.index_fill(0, order[drop], float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
 
