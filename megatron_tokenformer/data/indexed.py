@@ -1,0 +1,223 @@
+"""Megatron indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``): the token format of Megatron-LM, GPT-NeoX,
+NeMo and datatrove, and the one ``tools/prepare_data.py`` writes.
+
+``PREFIX.bin`` holds the tokens of every sequence back to back; ``PREFIX.idx`` is, little-endian: the magic
+``MMIDIDX\\0\\0``, version u64 (1), dtype code u8, sequence count S u64, document count D u64, then
+int32 lengths[S], int64 byte offsets[S], int64 document indices[D] (sequence boundaries, from 0).
+
+We read it with our own code, not megatron-core's ``IndexedDataset``, because:
+- Pythia's Pile ships its ``document.bin`` cut into byte ranges over 21 files
+  (``document-000NN-of-00020.bin``) beside one ``document.idx``; ``IndexedDataset`` maps one file per
+  prefix and cannot read them in place (Pythia's own answer is a 602 GB concatenation);
+- a directory of prefixes (datatrove writes one pair per task) is read as one token stream;
+- importing ``megatron.core`` takes seconds and warns about Transformer Engine and Apex on every rank.
+The format is six fields; ``tests/test_indexed.py`` checks this reader against megatron-core's reader on
+files written by megatron-core's ``IndexedDatasetBuilder`` and by datatrove.
+
+Nothing here reads the tokens at open time: the index arrays are memory-mapped, and a rank touches only
+the pages of the sequences it reads.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+          8: np.uint16}
+CODES = {np.dtype(t): c for c, t in DTYPES.items()}
+PIECE = re.compile(r"-(\d+)-of-(\d+)\.bin$")  # Pythia's byte-split pieces of one .bin
+
+
+class IndexedError(UserError, ValueError):
+    """A Megatron dataset file that is missing, truncated or inconsistent (the message names it)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a vocabulary (Megatron's choice)."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.int32)
+
+
+@dataclass
+class Index:
+    """One ``.idx`` file, memory-mapped."""
+
+    path: Path
+    dtype: np.dtype
+    lengths: np.ndarray
+    """int32[S]: tokens in each sequence."""
+    pointers: np.ndarray
+    """int64[S]: byte offset of each sequence in the .bin."""
+    doc_idx: np.ndarray
+    """int64[D]: sequence boundaries of the documents, from 0 to S."""
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the .bin this index describes (where its last sequence ends)."""
+        return int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if len(self.lengths) else 0
+
+
+def read_index(path: str | Path) -> Index:
+    """Parse and check an ``.idx`` header and size (O(1): the arrays are only mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IndexedError(f"index file '{path}' not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[:len(MAGIC)] != MAGIC:
+        raise IndexedError(f"'{path}' is not a Megatron index (.idx) file: wrong header (magic "
+                           f"{head[:len(MAGIC)]!r}, expected {MAGIC!r})")
+    version, code, seqs, docs = struct.unpack("<QBQQ", head[len(MAGIC):])
+    if version != VERSION:
+        raise IndexedError(f"'{path}' is a Megatron index of version {version}; only version {VERSION} is read")
+    if code not in DTYPES:
+        raise IndexedError(f"'{path}' names dtype code {code}, which is none of Megatron's {sorted(DTYPES)}")
+    expected = HEADER_BYTES + 12 * seqs + 8 * docs
+    if size != expected:
+        raise IndexedError(f"'{path}' has {size} bytes where its header ({seqs} sequences, {docs} document "
+                           f"boundaries) needs {expected}: the file is truncated or damaged")
+    lengths = np.memmap(path, np.int32, "r", HEADER_BYTES, (seqs,)) if seqs else np.zeros(0, np.int32)
+    pointers = (np.memmap(path, np.int64, "r", HEADER_BYTES + 4 * seqs, (seqs,)) if seqs
+                else np.zeros(0, np.int64))
+    doc_idx = np.memmap(path, np.int64, "r", HEADER_BYTES + 12 * seqs, (docs,)) if docs else np.zeros(0, np.int64)
+    index = Index(path, np.dtype(DTYPES[code]), lengths, pointers, doc_idx)
+    # The ends of the arrays, not all of them: enough to catch a header written for other arrays.
+    if seqs and (int(pointers[0]) != 0 or int(lengths[-1]) < 0 or int(pointers[-1]) < 0):
+        raise IndexedError(f"'{path}' is inconsistent (first offset {int(pointers[0])}, last length "
+                           f"{int(lengths[-1])}): the file is damaged")
+    if docs and (int(doc_idx[0]) != 0 or int(doc_idx[-1]) != seqs):
+        raise IndexedError(f"'{path}' is inconsistent: its document indices run from {int(doc_idx[0])} to "
+                           f"{int(doc_idx[-1])}, not from 0 to its {seqs} sequences")
+    return index
+
+
+def bin_files(prefix: str | Path) -> list[Path]:
+    """The files holding ``PREFIX``'s tokens: ``PREFIX.bin``, or Pythia's byte-split pieces
+    ``PREFIX-000NN-of-000MM.bin`` in order."""
+    prefix = Path(prefix)
+    whole = prefix.with_name(prefix.name + ".bin")
+    if whole.is_file():
+        return [whole]
+    pieces = {}
+    for f in prefix.parent.glob(prefix.name + "-*-of-*.bin"):
+        m = PIECE.search(f.name)
+        if m and f.name == f"{prefix.name}{m.group(0)}":
+            pieces[int(m.group(1))] = f
+    if not pieces:
+        return []
+    missing = [i for i in range(max(pieces) + 1) if i not in pieces]
+    if missing:
+        raise IndexedError(f"'{prefix}' is split into pieces, but piece {missing[0]} "
+                           f"('{prefix.name}-{missing[0]:05d}-of-...bin') is missing")
+    return [pieces[i] for i in sorted(pieces)]
+
+
+class Prefix:
+    """One dataset: its index and its token bytes (one file or several consecutive pieces)."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        self.index = read_index(self.prefix.with_name(self.prefix.name + ".idx"))
+        self.files = bin_files(self.prefix)
+        if not self.files:
+            raise IndexedError(f"'{self.prefix}.bin' not found (the tokens of '{self.index.path}')")
+        sizes = [f.stat().st_size for f in self.files]
+        if sum(sizes) != self.index.num_bytes:
+            shown = f"'{self.files[0]}'" if len(self.files) == 1 else f"the {len(self.files)} pieces of '{self.prefix}'"
+            raise IndexedError(f"{shown} hold {sum(sizes)} bytes where '{self.index.path}' describes "
+                               f"{self.index.num_bytes}: truncated, or not the tokens of that index")
+        itemsize = self.index.dtype.itemsize
+        self.starts = np.cumsum([0] + sizes)  # byte offset of each piece
+        self.num_tokens = int(self.starts[-1]) // itemsize
+        self._maps: list[np.memmap | None] = [None] * len(self.files)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.index.dtype
+
+    def _map(self, k: int) -> np.memmap:
+        if self._maps[k] is None:
+            self._maps[k] = np.memmap(self.files[k], np.uint8, "r")
+        return self._maps[k]
+
+    def read_bytes(self, start: int, end: int) -> np.ndarray:
+        """Bytes [start, end) of the (possibly split) .bin, as uint8."""
+        parts, pos = [], start
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while pos < end:
+            hi = min(end, int(self.starts[k + 1]))
+            parts.append(self._map(k)[pos - int(self.starts[k]):hi - int(self.starts[k])])
+            pos, k = hi, k + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the token stream (sequences back to back), in the stored dtype."""
+        size = self.dtype.itemsize
+        return self.read_bytes(start * size, end * size).view(self.dtype)
+
+    def sequence(self, i: int) -> np.ndarray:
+        ptr, n = int(self.index.pointers[i]), int(self.index.lengths[i])
+        return self.read_bytes(ptr, ptr + n * self.dtype.itemsize).view(self.dtype)
+
+
+def find_prefixes(path: str | Path) -> list[Path]:
+    """``path`` as a list of prefixes: ``PREFIX`` itself (``PREFIX.idx`` exists), or every ``*.idx`` in
+    a directory, in name order."""
+    path = Path(path)
+    if path.is_dir():
+        return [f.with_suffix("") for f in sorted(path.glob("*.idx"))]
+    if path.with_name(path.name + ".idx").is_file():
+        return [path]
+    if path.suffix in (".bin", ".idx") and path.is_file():
+        return [path.with_suffix("")]
+    return []
+
+
+class IndexWriter:
+    """Write one ``PREFIX.bin`` + ``PREFIX.idx`` pair, one sequence per ``add`` (one document each, as
+    datatrove and Megatron's preprocess_data write). The lengths are kept in memory (4 bytes per
+    sequence) and the index is written by ``close``."""
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype | type):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODES:
+            raise ValueError(f"dtype {self.dtype} is not one of Megatron's")
+        self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
+        self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
+        self._bin = open(self.bin_path, "wb")
+        self._lengths = array("i")
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._bin.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self._lengths.append(len(tokens))
+
+    def close(self) -> None:
+        self._bin.close()
+        write_index(self.idx_path, self.dtype, np.frombuffer(self._lengths, np.int32))
+
+
+def write_index(path: str | Path, dtype: np.dtype, lengths: np.ndarray) -> None:
+    """An ``.idx`` for sequences of ``lengths`` stored back to back, one document each."""
+    lengths = np.asarray(lengths, np.int32)
+    pointers = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<QBQQ", VERSION, CODES[np.dtype(dtype)], len(lengths), len(lengths) + 1))
+        f.write(lengths.tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
