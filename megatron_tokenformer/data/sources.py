@@ -194,7 +194,7 @@ def _first_json_record(f: Path) -> dict | None:
     import fsspec
 
     try:
-        opened = fsspec.open(str(f), "rb", compression="infer").open()
+        opened = _lines(fsspec.open(str(f), "rb", compression="infer").open())
     except (OSError, ValueError) as e:
         raise DataError(f"'{f}' cannot be read ({type(e).__name__}: {e}); leave it out of --input") from e
     with opened as fh:
@@ -285,7 +285,7 @@ class _StrictJsonlReader(JsonlReader):
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         shown = self.data_folder.resolve_paths(filepath)
-        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+        with _lines(self.data_folder.open(filepath, "rb", compression=self.compression)) as f:
             try:
                 for li, line in enumerate(f):
                     if not line.strip():
@@ -363,6 +363,12 @@ class FilesReader(BaseReader):
             yield from _StrictJsonlReader(str(f.parent), adapter=adapter, text_key=self.text_key).read_file(f.name)
 
 
+def _lines(fh):
+    """A binary file that reads by line: zstandard's stream reader (behind fsspec) cannot."""
+    import io
+    return fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)
+
+
 def _starts_with_list(f: Path) -> bool:
     """Whether a plain .json file holds one JSON list (else JSON lines)."""
     if not f.name.lower().endswith(".json"):
@@ -379,19 +385,17 @@ class HubReader(HuggingFaceDatasetReader):
     name = "🤗 megatron_tokenformer hub"
 
     def __init__(self, dataset: str, split: str, text_key: str, limit: int | None = None):
+        # datatrove's limit (per task; one task reads with --max-documents) counts documents with text.
         super().__init__(dataset, dataset_options={"split": split}, streaming=True, text_key=text_key,
-                         adapter=_hub_adapter)
+                         adapter=_hub_adapter, limit=limit or -1,
+                         batch_size=min(1000, limit) if limit else 1000)
         self.split = split
-        self.max_records = limit
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        self._records = _Records(self, self.text_key, self.max_records)
+        self._records = _Records(self, self.text_key, None)
         self._records.rank = rank
         try:
-            for doc in super().run(data, rank, world_size):
-                yield doc
-                if self._records.full():
-                    return
+            yield from super().run(data, rank, world_size)
         except DataError:
             raise
         except Exception as e:  # network, name, split or format problems: one line, no traceback
