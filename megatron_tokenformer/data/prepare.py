@@ -380,7 +380,12 @@ class _Job:
             from datatrove.executor.ray import RayPipelineExecutor
             ex = RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs))
         else:
-            ex = _QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs))
+            # fork, not datatrove's default forkserver: a forkserver process would import this package
+            # (and torch, through megatron_tokenformer/__init__) again, seconds of start-up; the workers
+            # only tokenize and write, nothing here holds threads or locks that a fork would break.
+            start = "fork" if sys.platform == "linux" else "forkserver"
+            ex = _QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
+                                     start_method=start)
         with _datatrove_log(logs / "main.log"):
             try:
                 ex.run()
