@@ -137,8 +137,9 @@ class Prefix:
             raise IndexedError(f"'{self.prefix}.bin' not found (the tokens of '{self.index.path}')")
         sizes = [f.stat().st_size for f in self.files]
         if sum(sizes) != self.index.num_bytes:
-            shown = f"'{self.files[0]}'" if len(self.files) == 1 else f"the {len(self.files)} pieces of '{self.prefix}'"
-            raise IndexedError(f"{shown} hold {sum(sizes)} bytes where '{self.index.path}' describes "
+            shown = (f"'{self.files[0]}' has" if len(self.files) == 1
+                     else f"the {len(self.files)} pieces of '{self.prefix}' hold")
+            raise IndexedError(f"{shown} {sum(sizes)} bytes where '{self.index.path}' describes "
                                f"{self.index.num_bytes}: truncated, or not the tokens of that index")
         itemsize = self.index.dtype.itemsize
         self.starts = np.cumsum([0] + sizes)  # byte offset of each piece
