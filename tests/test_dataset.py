@@ -343,3 +343,119 @@ def test_stored_order_resume_is_bit_exact(tmp_path, neox, docs):
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     rows = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["data_wait_ms"] >= 0 for r in rows if "loss" in r)
+
+
+# ---------------------------------------------------------------- our own datasets (prepare_data.py's)
+
+
+def test_missing_dataset_names_the_command(tmp_path, monkeypatch):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=r"does not exist.*data\.path|data\.path.*does not exist") as e:
+        load_meta(missing)
+    assert f"`python tools/prepare_data.py --input <your text files> --output {missing}`" in str(e.value)
+    # The recipe the caller knows (config key data.prepare) is named as given.
+    recipe = f"python tools/prepare_data.py --hf-dataset org/corpus --streaming --output {missing}"
+    with pytest.raises(DataError) as e:
+        load_meta(missing, recipe=recipe)
+    assert f"build it with `{recipe}` (config key data.prepare)" in str(e.value)
+    # A recipe for another path (data.path overridden, data.prepare not) is not named.
+    with pytest.raises(DataError) as e:
+        load_meta(tmp_path / "other", recipe=recipe)
+    assert "org/corpus" not in str(e.value) and f"--output {tmp_path / 'other'}`" in str(e.value)
+    # The default path is built by the tool's default run.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_meta("data/shakespeare")
+    assert "build it with `python tools/prepare_data.py` (or point data.path" in str(e.value)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(DataError, match=r"holds no dataset: neither metadata\.json nor Megatron \.idx.*data\.path"):
+        load_meta(tmp_path / "bare")
+
+
+def test_damage_to_our_dataset(corpus, tmp_path):
+    """Start-up checks sizes and the tokenizer (cheap); the contents only when asked (verify)."""
+    from megatron_tokenformer.data.dataset import verify_files
+
+    root = tmp_path / "ds"
+    shutil.copytree(corpus, root)
+    meta = load_meta(root)
+    assert verify_files(meta) == 2 * len(meta.prefixes)
+    name = sorted(root.glob("*.bin"))[0]
+    data = bytearray(name.read_bytes())
+    data[123] ^= 0x01  # flipped byte: same size, different content
+    name.write_bytes(bytes(data))
+    load_meta(root)  # sizes still fine: start-up does not read the corpus
+    with pytest.raises(DataError, match=rf"checksum mismatch for .*{name.name}"):
+        load_meta(root, verify=True)
+    name.write_bytes(bytes(data[:-2]))  # truncated
+    with pytest.raises(DataError, match=rf"{name.name}' has \d+ bytes, metadata\.json says \d+.*--force"):
+        load_meta(root)
+    name.unlink()
+    with pytest.raises(DataError, match=rf"{name.name}' is missing"):
+        load_meta(root)
+
+
+def test_swapped_tokenizer_is_caught_at_start_up(corpus, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(corpus, root)
+    shutil.copy(_small_sentencepiece(tmp_path), root / "tokenizer.model")
+    with pytest.raises(DataError, match=r"checksum mismatch for .*tokenizer\.model"):
+        load_meta(root)
+
+
+def test_samples_offset_and_splits(corpus):
+    meta = load_meta(corpus)
+    tokens = TokenStream(meta).read(0, meta.num_tokens)
+    train = SampleSet(meta, SEQ, "train", valid_fraction=0.1)
+    valid = SampleSet(meta, SEQ, "valid", valid_fraction=0.1)
+    total = (meta.num_tokens - 1) // SEQ
+    assert len(valid) == round(total * 0.1) and len(train) + len(valid) == total
+    for i in [0, 1, len(train) - 1]:
+        s = train[i]
+        assert s.dtype == np.int64 and s.shape == (SEQ + 1,)
+        assert np.array_equal(s, tokens[i * SEQ:(i + 1) * SEQ + 1])
+    # Valid is the contiguous tail: it starts right where train ends, and ends inside the corpus.
+    assert np.array_equal(valid[0], tokens[len(train) * SEQ:(len(train) + 1) * SEQ + 1])
+    assert np.array_equal(valid[len(valid) - 1], tokens[(total - 1) * SEQ:total * SEQ + 1])
+    with pytest.raises(IndexError):
+        train[len(train)]
+    with pytest.raises(DataError, match=r"data\.path.*model\.seq_length"):
+        SampleSet(meta, meta.num_tokens // 2 + 1, "train", valid_fraction=0.1)
+    assert len(SampleSet(meta, (meta.num_tokens - 1) // 2, "train", valid_fraction=0.1)) == 1
+
+
+def test_train_batches_data_parallel_matches_single_rank(corpus):
+    samples = SampleSet(load_meta(corpus), SEQ, "train", valid_fraction=0.1)
+    single = TrainBatches(samples, seed=7, global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1)
+    ranks = [TrainBatches(samples, seed=7, global_batch_size=8, micro_batch_size=2, dp_rank=r, dp_size=2,
+                          prefetch=True) for r in range(2)]
+    for step in range(3):
+        one = single.next_step()
+        per_rank = [b.next_step() for b in ranks]
+        assert len(one) == 4 and all(len(p) == 2 for p in per_rank)
+        interleaved = [per_rank[r][m] for m in range(2) for r in range(2)]
+        assert torch.equal(torch.cat(one), torch.cat(interleaved))
+        # The spec, written out: position p is sample sample_order(p).
+        idx = sample_order(np.arange(step * 8, step * 8 + 8), len(samples), False, [7])
+        assert torch.equal(torch.cat(one), torch.from_numpy(np.stack([samples[int(i)] for i in idx])))
+    assert single.consumed_samples == ranks[1].consumed_samples == 24
+    with pytest.raises(ValueError, match=r"global_batch_size \(6\) must be divisible"):
+        TrainBatches(samples, seed=0, global_batch_size=6, micro_batch_size=2, dp_rank=0, dp_size=2)
+
+
+def test_valid_batches(corpus):
+    meta = load_meta(corpus)
+    valid = SampleSet(meta, SEQ, "valid", valid_fraction=0.1)
+    n = len(valid)
+    for dp in (1, 2, 3):
+        counts = [len(list(valid_batches(valid, 4, r, dp, None))) for r in range(dp)]
+        assert counts == [n // (4 * dp)] * dp
+    first = list(valid_batches(valid, 4, 0, 1, max_batches=2))
+    assert torch.equal(torch.cat(first), torch.from_numpy(np.stack([valid[i] for i in range(8)])))
+    assert torch.equal(next(valid_batches(valid, 4, 1, 2, None)), first[1])  # rank r takes batch k*dp + r
+    # Fewer samples than one micro-batch per rank: wrap around, one batch each.
+    tiny = SampleSet(meta, SEQ, "valid", valid_fraction=0.0)
+    assert len(tiny) == 1
+    batches = [list(valid_batches(tiny, 4, r, 2, None)) for r in range(2)]
+    assert [len(b) for b in batches] == [1, 1]
+    assert all(torch.equal(row, torch.from_numpy(tiny[0])) for b in batches for row in b[0])
