@@ -58,7 +58,7 @@ class Index:
     pointers: np.ndarray
     """int64[S]: byte offset of each sequence in the .bin."""
     doc_idx: np.ndarray
-    """int64[D]: sequence boundaries of the documents, from 0 to S."""
+    """int64[D]: sequence boundaries of the documents, from 0 (to S, except in Pythia's Pile: [0])."""
 
     @property
     def num_sequences(self) -> int:
@@ -99,9 +99,11 @@ def read_index(path: str | Path) -> Index:
     if seqs and (int(pointers[0]) != 0 or int(lengths[-1]) < 0 or int(pointers[-1]) < 0):
         raise IndexedError(f"'{path}' is inconsistent (first offset {int(pointers[0])}, last length "
                            f"{int(lengths[-1])}): the file is damaged")
-    if docs and (int(doc_idx[0]) != 0 or int(doc_idx[-1]) != seqs):
+    # Document indices are sequence boundaries from 0; most writers end them at S, but Pythia's Pile has
+    # just [0] (its 146M rows are one "document"), so only the range is checked. We never read them.
+    if docs and (int(doc_idx[0]) != 0 or not 0 <= int(doc_idx[-1]) <= seqs):
         raise IndexedError(f"'{path}' is inconsistent: its document indices run from {int(doc_idx[0])} to "
-                           f"{int(doc_idx[-1])}, not from 0 to its {seqs} sequences")
+                           f"{int(doc_idx[-1])}, outside 0 to its {seqs} sequences")
     return index
 
 
