@@ -12,6 +12,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -101,7 +102,7 @@ class Trainer:
         self.saved_at = self.step if resume else None  # the step whose checkpoint exists
         self.batches = train_batches(train_set, cfg.train.seed, cfg.train.global_batch_size,
                                      cfg.train.micro_batch_size, self.grid.dp_rank, self.grid.data,
-                                     consumed_samples=meta["consumed_samples"] if resume else 0)
+                                     consumed_samples=meta["consumed_samples"] if resume else 0, prefetch=True)
 
         self.run_info = _run_info(cfg, meta) | {"lineage": self.growth.lineage, "resolved": speed_choices(cfg)}
         if rank == 0:
@@ -175,7 +176,11 @@ class Trainer:
         self.lr = self.engine.get_lr()[0]
         skipped_before = self.engine.skipped_steps
         judge = self._judge if self.cfg.train.spike_factor else None
-        loss = self.steps.train(self.engine, [m.to(self.dev) for m in self.batches.next_step()], judge)
+        micros = self.batches.next_step()
+        if _TEST_RECORD_BATCHES:
+            _record_batches(self.step + 1, self.grid, micros)
+        loss = self.steps.train(self.engine, [m.to(self.dev) for m in micros], judge)
+        self.window.data_wait_ms += self.batches.wait_ms  # the next step's batches are read meanwhile
         self.step += 1
         self.growth.after_step(self.step)  # frozen old tokens (freeze_old_steps) written back
         for note in self.batches.notes():  # e.g. a blended source starting its next epoch
@@ -225,6 +230,7 @@ class Trainer:
             self.metrics.update(loss=self.loss, loss_avg=self.window.mean(), lr=self.lr,
                                 grad_norm=float(grad_norm) if grad_norm is not None else None,
                                 tokens_per_sec=tokens / elapsed, tflops=self.flops_per_token * tokens / elapsed / 1e12,
+                                data_wait_ms=self.window.data_wait_ms / self.window.steps,
                                 samples=self.batches.consumed_samples, skipped_steps=int(self.engine.skipped_steps),
                                 **self.batches.log_values())  # a blend's realised shares
             self.window.reset()
@@ -380,6 +386,17 @@ class RunningMean:
 _TEST_SPIKES = {int(s) for s in os.environ.get("MEGATRON_TOKENFORMER_TEST_SPIKES", "").split(",") if s.strip()}
 
 
+# Test hook: a directory where every rank writes the micro-batches it trains on, as
+# step{N}_dp{R}_tp{T}_pp{P}.npy of shape (micro-batches, micro_batch_size, seq_length + 1)
+# (tests/test_inspect_data.py compares them with tools/inspect_data.py --step).
+_TEST_RECORD_BATCHES = os.environ.get("MEGATRON_TOKENFORMER_TEST_RECORD_BATCHES")
+
+
+def _record_batches(step: int, grid: D.Grid, micros: list[torch.Tensor]) -> None:
+    name = f"step{step}_dp{grid.dp_rank}_tp{grid.tp_rank}_pp{grid.pp_rank}.npy"
+    np.save(Path(_TEST_RECORD_BATCHES) / name, torch.stack(micros).numpy())
+
+
 class _Window:
     """Training losses and time since the last log line; time inside `paused()` (evaluation,
     checkpoints, growth) does not count towards tokens/s."""
@@ -389,6 +406,7 @@ class _Window:
 
     def reset(self) -> None:
         self.loss, self.steps, self.start, self.pause = 0.0, 0, time.perf_counter(), 0.0
+        self.data_wait_ms = 0.0  # summed over the steps; logged per step
 
     def add(self, loss: float) -> None:
         self.loss, self.steps = self.loss + loss, self.steps + 1

@@ -258,8 +258,8 @@ def check_loadable(meta: dict, cfg: Config, model_cfg, where: Path, tokenizer_sh
     if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
         raise CheckpointError(
             f"checkpoint {where} was trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}) "
-            f"than the data in data.path={cfg.data.path} (sha256 {tokenizer_sha256[:12]}); point data.path at "
-            "the data the run was trained on, or start a new checkpoint.dir")
+            f"than the data in data.path={cfg.data.path} (sha256 {tokenizer_sha256[:12]}); point data.path (and data.tokenizer, "
+            "for a dataset that carries none) at the data the run was trained on, or start a new checkpoint.dir")
     check_compatible(meta, model_cfg, where)
     if meta["vocab_size"] % cfg.parallel.tensor:
         raise CheckpointError(f"checkpoint {where} has a vocab of {meta['vocab_size']} rows, which does not split "

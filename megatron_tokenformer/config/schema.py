@@ -125,7 +125,7 @@ class TrainConfig:
 @dataclass
 class BlendSource:
     path: str = ""
-    """A prepared dataset directory (like data.path); every source must use the same tokenizer."""
+    """A dataset (like data.path); every source must use the same tokenizer."""
     weight: float = 1.0
     """This source's share of the training samples (the weights are normalised to sum to 1)."""
     prepare: Optional[str] = None
@@ -135,14 +135,34 @@ class BlendSource:
 @dataclass
 class DataConfig:
     path: str = "data/shakespeare"
-    """Directory written by tools/prepare_data.py (shards, tokenizer.model, metadata.json). Not read when
-    data.blend is given."""
+    """The token dataset: a directory written by tools/prepare_data.py (Megatron .bin/.idx pairs, its
+    tokenizer, metadata.json), or any Megatron indexed dataset (GPT-NeoX, Megatron-LM, datatrove, Pythia's
+    Pile): one prefix (PREFIX.bin + PREFIX.idx, or Pythia's PREFIX-000NN-of-000MM.bin pieces) or a directory
+    whose prefixes are read in name order as one dataset. Not read when data.blend is given."""
+    tokenizer: Optional[str] = None
+    """The tokenizer file (a Hugging Face tokenizer.json or a sentencepiece .model) of a Megatron dataset
+    that carries none, e.g. GPT-NeoX-20B's tokenizer.json for Pythia's Pile. Directories from
+    tools/prepare_data.py carry their own: leave it unset for them."""
     prepare: Optional[str] = None
     """The command that builds data.path (the error names it when the data is missing)."""
+    order: Literal["shuffled", "stored"] = "shuffled"
+    """shuffled: samples are windows of model.seq_length + 1 tokens over the concatenated token stream
+    (Megatron style), each epoch in its own pseudo-random order of (train.seed, epoch). stored: each
+    stored sequence, which must hold exactly model.seq_length + 1 tokens, is one sample, read in stored
+    order, so the step logged as N trains on rows (N-1)*B ... N*B-1 for global batch B: Pythia's order,
+    step for step (its preshuffled Pile). Without data.valid_path the last data.valid_fraction of the rows
+    are held out for validation, and training wraps to row 0 after the rows before them."""
+    valid_path: Optional[str] = None
+    """A separate validation dataset (like data.path; Megatron's --valid-data-path), read in order as a
+    token stream of model.seq_length + 1 windows whatever data.order says. Then every row of data.path
+    (or of the data.blend sources) trains and data.valid_fraction is not used. None: validation is the
+    tail of the training data."""
     valid_fraction: float = 0.02
-    """Fraction of the samples (the tail of the corpus) held out for validation."""
-    verify_checksums: bool = True
-    """Check shard and tokenizer sha256 against metadata.json at start-up."""
+    """Fraction of the samples (the tail of the corpus) held out for validation (without data.valid_path)."""
+    verify_checksums: bool = False
+    """Checksum every file against metadata.json at start-up: one full read of the corpus on every rank, at
+    every start (minutes at the Pile's size). Off: start-up checks headers and sizes only; check the
+    contents on demand with `tools/inspect_data.py PATH --verify` (which can split the work)."""
     blend: list[BlendSource] = field(default_factory=list)
     """Train on several prepared datasets mixed by weight, a list of `{path, weight, prepare}` (empty: data.path
     alone). Sources are interleaved greedily (Megatron's BlendedDataset: each sample comes from the source

@@ -12,9 +12,10 @@ greedy is run once over a block of BLOCK positions and the block repeats: positi
 block p // BLOCK at offset p % BLOCK. Each block holds round-ish(w_i * BLOCK) samples of
 source i, so the long-run shares differ from the weights by less than 1 / BLOCK.
 
-Within a source, its k-th draw is sample perm_e[k % n] of its training split, where epoch
-e = k // n has its own permutation from default_rng([seed, source index, e]): a source that
-runs out starts a new epoch in a new order, and the others are not affected.
+Within a source, its k-th draw is sample ``sample_order(k)`` of its training split (dataset.py): in
+shuffled order epoch e = k // n has its own permutation, keyed by (seed, source index, e), so a source
+that runs out starts a new epoch in a new order and the others are not affected; in stored order a
+source repeats its stored order.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import DataError, DatasetMeta, SampleSet, TrainBatches, load_meta
+from ..config.schema import BlendSource
+from .dataset import DataError, DatasetMeta, SampleSet, TrainBatches, load_meta, sample_order
 
 BLOCK = 1 << 16  # the greedy's period: 0.1 s to compute, shares exact to 1.5e-5
 
@@ -112,25 +114,16 @@ class BlendedBatches(TrainBatches):
     def __init__(self, samples: BlendedSamples, seed: int, *args, **kwargs):
         super().__init__(samples, seed, *args, **kwargs)
         self.blend = samples
-        self._source_perms: dict[tuple[int, int], np.ndarray] = {}
         self._notes: list[str] = []
-
-    def _source_perm(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
-        if key not in self._source_perms:
-            # Keep two epochs per source: a batch usually spans at most two of a source's epochs (an
-            # evicted one is recomputed, the same, if a tiny source needs it again).
-            older = [k for k in self._source_perms if k[0] == source]
-            if len(older) >= 2:
-                self._source_perms.pop(min(older))
-            n = len(self.blend.sets[source])
-            self._source_perms[key] = np.random.default_rng([self.seed, source, epoch]).permutation(n)
-        return self._source_perms[key]
 
     def sample_indices(self, positions: range) -> list[tuple[int, int]]:
         src, draw = self.blend.order.locate(np.arange(positions.start, positions.stop))
-        sizes = [len(s) for s in self.blend.sets]
-        return [(int(i), int(self._source_perm(i, d // sizes[i])[d % sizes[i]])) for i, d in zip(src, draw)]
+        out = np.empty_like(draw)
+        for i in np.unique(src):  # source i's draws in its own order (a new shuffle each of its epochs)
+            at = src == i
+            s = self.blend.sets[i]
+            out[at] = sample_order(draw[at], len(s), s.stored, [self.seed, int(i)])
+        return list(zip(src.tolist(), out.tolist()))
 
     def epoch_starts(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(source, epoch counted from 1, position) of every source epoch from the 2nd on that starts
@@ -143,11 +136,9 @@ class BlendedBatches(TrainBatches):
                 out.append((i, e + 1, order.position(i, e * n)))
         return sorted(out, key=lambda x: x[2])
 
-    def next_step(self) -> list[torch.Tensor]:
-        c = self.consumed_samples
+    def _began(self, first: int) -> None:
         self._notes = [f"data: source {self.blend.paths[i]} starts epoch {e} at sample {p}"
-                       for i, e, p in self.epoch_starts(c, c + self.global_batch_size)]
-        return super().next_step()
+                       for i, e, p in self.epoch_starts(first, first + self.global_batch_size)]
 
     def notes(self) -> list[str]:
         return self._notes
@@ -167,26 +158,39 @@ def share_names(paths: list[str]) -> list[str]:
 
 def load_data(data_cfg, seq_length: int) -> tuple[DatasetMeta, SampleSet | BlendedSamples, SampleSet | BlendedValid]:
     """(metadata of the first source: tokenizer and vocab, training samples, validation samples) from the
-    config's data section: data.path alone, or the data.blend sources."""
+    config's data section: data.path alone, or the data.blend sources; validation from data.valid_path
+    when given (read in order as a token stream, whatever data.order says), else from each source's tail."""
     d = data_cfg
-    if not d.blend:
-        meta = load_meta(d.path, verify=d.verify_checksums, recipe=d.prepare)
-        return (meta, SampleSet(meta, seq_length, "train", d.valid_fraction),
-                SampleSet(meta, seq_length, "valid", d.valid_fraction))
-    metas = [load_meta(s.path, verify=d.verify_checksums, recipe=s.prepare, key=f"data.blend[{i}].path")
-             for i, s in enumerate(d.blend)]
+    sources = d.blend or [BlendSource(d.path, 1.0, d.prepare)]
+    keys = [f"data.blend[{i}].path" for i in range(len(d.blend))] or ["data.path"]
+    metas = [load_meta(s.path, verify=d.verify_checksums, recipe=s.prepare, key=k, tokenizer=d.tokenizer)
+             for s, k in zip(sources, keys)]
     for i, m in enumerate(metas[1:], 1):
         if m.tokenizer_sha256 != metas[0].tokenizer_sha256:
             raise DataError(
                 f"data.blend[{i}].path={d.blend[i].path} and data.blend[0].path={d.blend[0].path} were prepared "
-                f"with different tokenizers (tokenizer.model sha256 {m.tokenizer_sha256[:12]} vs "
+                f"with different tokenizers ({m.tokenizer_path.name} sha256 {m.tokenizer_sha256[:12]} vs "
                 f"{metas[0].tokenizer_sha256[:12]}); a model reads one vocabulary: prepare {d.blend[i].path} again "
-                f"with `--tokenizer {Path(d.blend[0].path) / 'tokenizer.model'} --force`")
+                f"with `--tokenizer {metas[0].tokenizer_path} --force`")
+    split = "all" if d.valid_path else "train"
+    train = [SampleSet(m, seq_length, split, d.valid_fraction, d.order) for m in metas]
+    if d.valid_path:
+        vmeta = load_meta(d.valid_path, verify=d.verify_checksums, key="data.valid_path", tokenizer=d.tokenizer)
+        if vmeta.tokenizer_sha256 != metas[0].tokenizer_sha256:
+            raise DataError(f"data.valid_path={d.valid_path} was prepared with another tokenizer than "
+                            f"{keys[0]}={sources[0].path} ({vmeta.tokenizer_path} vs {metas[0].tokenizer_path}); "
+                            f"prepare it again with `--tokenizer {metas[0].tokenizer_path}`")
+        valid = SampleSet(vmeta, seq_length, "all", 0.0)
+    if not d.blend:
+        return metas[0], train[0], (valid if d.valid_path else
+                                    SampleSet(metas[0], seq_length, "valid", d.valid_fraction, d.order))
     paths, weights = [s.path for s in d.blend], [s.weight for s in d.blend]
-    train = BlendedSamples([SampleSet(m, seq_length, "train", d.valid_fraction) for m in metas], paths, weights)
-    valid = BlendedSamples([SampleSet(m, seq_length, "valid", d.valid_fraction) for m in metas], paths, weights,
-                           train.order)
-    return metas[0], train, BlendedValid(valid)
+    blend = BlendedSamples(train, paths, weights)
+    if d.valid_path:
+        return metas[0], blend, valid
+    held = BlendedSamples([SampleSet(m, seq_length, "valid", d.valid_fraction, d.order) for m in metas], paths,
+                          weights, blend.order)
+    return metas[0], blend, BlendedValid(held)
 
 
 def train_batches(samples: SampleSet | BlendedSamples, *args, **kwargs) -> TrainBatches:

@@ -58,7 +58,7 @@ class Index:
     pointers: np.ndarray
     """int64[S]: byte offset of each sequence in the .bin."""
     doc_idx: np.ndarray
-    """int64[D]: sequence boundaries of the documents, from 0 to S."""
+    """int64[D]: sequence boundaries of the documents, from 0 (to S, except in Pythia's Pile: [0])."""
 
     @property
     def num_sequences(self) -> int:
@@ -99,9 +99,11 @@ def read_index(path: str | Path) -> Index:
     if seqs and (int(pointers[0]) != 0 or int(lengths[-1]) < 0 or int(pointers[-1]) < 0):
         raise IndexedError(f"'{path}' is inconsistent (first offset {int(pointers[0])}, last length "
                            f"{int(lengths[-1])}): the file is damaged")
-    if docs and (int(doc_idx[0]) != 0 or int(doc_idx[-1]) != seqs):
+    # Document indices are sequence boundaries from 0; most writers end them at S, but Pythia's Pile has
+    # just [0] (its 146M rows are one "document"), so only the range is checked. We never read them.
+    if docs and (int(doc_idx[0]) != 0 or not 0 <= int(doc_idx[-1]) <= seqs):
         raise IndexedError(f"'{path}' is inconsistent: its document indices run from {int(doc_idx[0])} to "
-                           f"{int(doc_idx[-1])}, not from 0 to its {seqs} sequences")
+                           f"{int(doc_idx[-1])}, outside 0 to its {seqs} sequences")
     return index
 
 
@@ -137,8 +139,9 @@ class Prefix:
             raise IndexedError(f"'{self.prefix}.bin' not found (the tokens of '{self.index.path}')")
         sizes = [f.stat().st_size for f in self.files]
         if sum(sizes) != self.index.num_bytes:
-            shown = f"'{self.files[0]}'" if len(self.files) == 1 else f"the {len(self.files)} pieces of '{self.prefix}'"
-            raise IndexedError(f"{shown} hold {sum(sizes)} bytes where '{self.index.path}' describes "
+            shown = (f"'{self.files[0]}' has" if len(self.files) == 1
+                     else f"the {len(self.files)} pieces of '{self.prefix}' hold")
+            raise IndexedError(f"{shown} {sum(sizes)} bytes where '{self.index.path}' describes "
                                f"{self.index.num_bytes}: truncated, or not the tokens of that index")
         itemsize = self.index.dtype.itemsize
         self.starts = np.cumsum([0] + sizes)  # byte offset of each piece
