@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from megatron_tokenformer.config import load_config
-from megatron_tokenformer.data import DataError
+from megatron_tokenformer.data import DataError, TokenStream, load_meta
 from megatron_tokenformer.data.indexed import Prefix
 from megatron_tokenformer.data.prepare import prepare, train_tokenizer
 from megatron_tokenformer.fileio import sha256_file
@@ -83,11 +83,16 @@ def metadata(out: Path) -> dict:
 
 
 def sequences(out: Path) -> list[list[int]]:
-    """Every stored sequence (one per document), the prefixes in metadata order."""
-    seqs = []
+    """Every stored sequence (one per document), read as the trainer reads them: load_meta with every
+    checksum verified, then TokenStream over the prefixes in metadata order."""
+    stream = TokenStream(load_meta(out, verify=True))
+    seqs = [stream.sequence(i).tolist() for i in range(stream.num_sequences)]
+    # The same through the indexed files directly, prefix by prefix.
+    direct = []
     for name in metadata(out)["prefixes"]:
         p = Prefix(out / name)
-        seqs += [p.sequence(i).tolist() for i in range(p.index.num_sequences)]
+        direct += [p.sequence(i).tolist() for i in range(p.index.num_sequences)]
+    assert direct == seqs
     return seqs
 
 
