@@ -23,12 +23,22 @@ setup(
         "tqdm",
         "safetensors",
         "tokenizers>=0.19",  # the GPT-NeoX tokenizer of the released models
+        # tools/prepare_data.py runs on datatrove (pinned to the minor version: the preparation uses its
+        # executors' and steps' interfaces); orjson for its JSON lines, zstandard for the Pile's .jsonl.zst,
+        # xxhash for its exact dedup. In the base install because the quick start prepares data.
+        "datatrove>=0.10.1,<0.11",
+        "orjson",
+        "zstandard",
+        "xxhash",
     ],
     extras_require={
         "hf": HF,
         "eval": EVAL,
-        "dev": ["pytest>=8", "pytest-timeout", *HF, *EVAL],  # the tests cover export and evaluation
+        # The tests cover export and evaluation, and read datatrove's and megatron-core's Megatron files
+        # (megatron-core's IndexedDatasetBuilder is the independent writer; it needs torch, installed first).
+        "dev": ["pytest>=8", "pytest-timeout", *HF, *EVAL, "megatron-core>=0.16"],
         "experiments": ["matplotlib"],
-        "data": ["zstandard"],  # the Pile's .jsonl.zst files
+        "data": [],  # kept so `pip install -e '.[data]'` still works: zstandard is in the base install now
+        "ray": ["ray>=2.9"],  # tools/prepare_data.py --executor ray, on a running Ray cluster
     },
 )
