@@ -6,9 +6,10 @@
 
 `prepare`: tools/prepare_data.py side by side, in one run, with the tokenizer's own `encode_batch` on the
 same cores and the same text (the built-in corpus, the works repeated `--copies` times). It reports
-- the rate of the whole command (start to metadata.json, process start-up included) against
-  `encode_batch` over the same documents in this process (rayon on all cores), measured before and
-  after the preparation, the mean taken;
+- the rate of the whole command (start to metadata.json, process start-up included), and of its tasks
+  alone (first task start to last task end, from datatrove's task logs), against `encode_batch` over
+  the same documents in this process (all cores), measured before and after the preparation, the mean
+  taken;
 - the peak disk of the run (output, `.prepare/` state and the run's TMPDIR, sampled with `du` every
   0.2 s) against the finished output directory, and against its `.bin`/`.idx` bytes alone;
 - the peak memory: the sum of the proportional set sizes of the command's process group (its workers
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +127,13 @@ def _prepare_run(corpus: Path, tokenizer: Path, work: Path, workers: int, tasks:
     if proc.returncode != 0:
         raise SystemExit(f"prepare_data.py failed:\n{stderr}")
     meta = json.loads((out / "metadata.json").read_text())
+    # The tasks alone: from the first task's start to the last one's end, in datatrove's task logs.
+    stamps = []
+    for log in (out / ".prepare" / "tokenize" / "logs").glob("task_*.log"):
+        lines = [line for line in log.read_text().splitlines() if line[:4].isdigit()]
+        stamps += [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp() for line in (lines[0], lines[-1])]
     dataset = sum(f["bytes"] for f in meta["files"].values())
-    result = {"seconds": seconds, "tokens": meta["num_tokens"], "documents": meta["num_documents"],
+    result = {"seconds": seconds, "task_seconds": max(stamps) - min(stamps), "tokens": meta["num_tokens"], "documents": meta["num_documents"],
               "dataset_bytes": dataset, "final_bytes": _du([out]), "peak_disk_bytes": peaks["disk"],
               "peak_rss_bytes": peaks["rss"], "log": stdout.strip().splitlines()}
     shutil.rmtree(work, ignore_errors=True)
@@ -157,6 +164,8 @@ def bench_prepare(args: argparse.Namespace) -> dict:
                "encode_batch_tokens_per_s": round(tokens / base), "prepare_seconds": round(prep["seconds"], 2),
                "prepare_tokens_per_s": round(tokens / prep["seconds"]),
                "rate_ratio": round(base / prep["seconds"], 3),
+               "tasks_seconds": round(prep["task_seconds"], 2),
+               "tasks_rate_ratio": round(base / prep["task_seconds"], 3),
                "dataset_bytes": prep["dataset_bytes"], "final_output_bytes": prep["final_bytes"],
                "peak_disk_bytes": prep["peak_disk_bytes"],
                "peak_disk_over_output": round(prep["peak_disk_bytes"] / prep["final_bytes"], 3),

@@ -344,7 +344,10 @@ class _Job:
     def _execute(self, reader: PipelineStep, tasks: int, tok_file: Path, source: str) -> dict | None:
         tok = _check_tokenizer(tok_file, str(tok_file))
         workers = min(self.workers, tasks)
+        # Local workers share this machine's cores: each tokenizer gets its share of threads (0: leave
+        # the tokenizer's default, all cores, as for one worker, or a SLURM/Ray task's own allocation).
         threads = max(1, default_workers() // workers) if self.executor == "local" else 0
+        threads = 0 if threads >= default_workers() else threads
         filters: list = []
         if self.min_chars:
             from datatrove.pipeline.filters import LambdaFilter
