@@ -323,21 +323,24 @@ def test_mixture_writes_a_blend(prepared, doc_corpus, tmp_path):
 # ---------------------------------------------------------------- executors
 
 
-def test_slurm_job_scripts(prepared, doc_corpus, tmp_path):
-    """--executor slurm without SLURM: a stand-in sbatch on PATH records what would be submitted."""
+def test_slurm_job_scripts_and_jobs(prepared, doc_corpus, tmp_path):
+    """--executor slurm without SLURM: a stand-in sbatch on PATH records what would be submitted; then the
+    jobs are run as SLURM would run them (each array task, then the job that writes metadata.json)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     sbatch = bin_dir / "sbatch"
     sbatch.write_text("#!/bin/sh\nn=$(ls \"$SBATCH_LOG\" | wc -l)\nfor last; do :; done\n"
                       "{ echo \"ARGS: $*\"; cat \"$last\"; } > \"$SBATCH_LOG/job_$n.txt\"\n"
                       "echo \"Submitted batch job $((100 + n))\"\n")
-    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\n")  # `scontrol show hostnames`
+    for tool in bin_dir.iterdir():
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "jobs").mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "jobs"),
            "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--input", str(doc_corpus[0]), "--output", "out",
-         "--tokenizer", str(prepared / "tokenizer.model"), "--executor", "slurm", "--tasks", "4",
+         "--tokenizer", str(prepared / "tokenizer.model"), "--executor", "slurm", "--tasks", "3",
          "--partition", "cpu", "--time", "02:00:00", "--cpus-per-task", "2", "--slurm-arg", "account=proj",
          "--slurm-arg", "qos=low"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
@@ -345,15 +348,26 @@ def test_slurm_job_scripts(prepared, doc_corpus, tmp_path):
     jobs = [(tmp_path / "jobs" / f"job_{i}.txt").read_text() for i in range(len(list((tmp_path / "jobs").iterdir())))]
     tokenize = next(j for j in jobs if "job-name=prepare_tokenize" in j)
     for line in ["#SBATCH --partition=cpu", "#SBATCH --time=02:00:00", "#SBATCH --cpus-per-task=2",
-                 "#SBATCH --account=proj", "#SBATCH --qos=low", "#SBATCH --array=0-3"]:
+                 "#SBATCH --account=proj", "#SBATCH --qos=low", "#SBATCH --array=0-2"]:
         assert line in tokenize.splitlines()
-    assert f"launch_pickled_pipeline {tmp_path / 'out' / '.prepare' / 'tokenize' / 'executor.pik'}" in tokenize
+    state = tmp_path / "out" / ".prepare"
+    assert f"launch_pickled_pipeline {state / 'tokenize' / 'executor.pik'}" in tokenize
     final = next(j for j in jobs if "job-name=prepare_finalize" in j)
-    tokenize_id = 100 + jobs.index(tokenize)
-    assert f"--dependency=afterok:{tokenize_id}" in final.splitlines()[0]
+    assert f"--dependency=afterok:{100 + jobs.index(tokenize)}" in final.splitlines()[0]
     assert "#SBATCH --array=0-0" in final.splitlines()
-    assert (tmp_path / "out" / ".prepare" / "tokenize" / "launch_script.slurm").is_file()
     assert not (tmp_path / "out" / "metadata.json").exists()
+
+    # What the cluster would do: each array task, then the last job.
+    launch = Path(sys.executable).parent / "launch_pickled_pipeline"
+    for stage, tasks in (("tokenize", 3), ("finalize", 1)):
+        for rank in range(tasks):
+            job = subprocess.run([str(launch), str(state / stage / "executor.pik")], capture_output=True, text=True,
+                                 env={**env, "SLURM_ARRAY_TASK_ID": str(rank), "SLURM_NODELIST": "localhost"})
+            assert job.returncode == 0, job.stderr[-3000:]
+        if stage == "tokenize":
+            assert not (tmp_path / "out" / "metadata.json").exists()
+    assert sequences(tmp_path / "out") == sequences(prepared)
+    assert metadata(tmp_path / "out")["files"] == metadata(prepared)["files"]
 
 
 # ---------------------------------------------------------------- existing outputs

@@ -352,13 +352,15 @@ class _Job:
         if self.min_chars:
             from datatrove.pipeline.filters import LambdaFilter
             filters.append(LambdaFilter(functools.partial(_long_enough, min_chars=self.min_chars)))
-        writer = MegatronWriter(str(self.out), str(tok_file), str(self.state / "tokenize" / "tasks"), threads)
+        # Absolute paths for datatrove: SLURM jobs and Ray tasks may start elsewhere.
+        out, state = self.out.resolve(), self.state.resolve()
+        writer = MegatronWriter(str(out), str(tok_file.resolve()), str(state / "tokenize" / "tasks"), threads)
         stages: list[tuple[str, list, int]] = []
         if self.dedup:
             from datatrove.pipeline.dedup.exact_dedup import (ExactDedupFilter, ExactDedupSignature,
                                                               ExactFindDedups)
             config = _dedup_config()
-            sigs, dups = str(self.state / "dedup" / "signatures"), str(self.state / "dedup" / "duplicates")
+            sigs, dups = str(state / "dedup" / "signatures"), str(state / "dedup" / "duplicates")
             stages.append(("dedup_signatures", [reader, *filters, ExactDedupSignature(sigs, config)], tasks))
             stages.append(("dedup_find", [ExactFindDedups(sigs, dups, config)], 1))
             filters = [*filters, ExactDedupFilter(dups, config)]
@@ -378,7 +380,7 @@ class _Job:
         return finalize(self.out, source, tasks, self.log)
 
     def _run_local_or_ray(self, name: str, pipeline: list, tasks: int, workers: int) -> None:
-        logs = self.state / name
+        logs = self.state.resolve() / name
         if self.executor == "ray":
             from datatrove.executor.ray import RayPipelineExecutor
             ex = RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs))
@@ -412,13 +414,14 @@ class _Job:
         common = dict(time=s.get("time") or "24:00:00", partition=s["partition"], qos=sbatch.pop("qos", None),
                       sbatch_args=sbatch, env_command="\n".join(env) or None, requeue=True)
         previous = None
-        finalize_step = FinalizeStep(str(self.out), tasks)
+        state = self.state.resolve()
+        finalize_step = FinalizeStep(str(self.out.resolve()), tasks)
         for name, pipeline, n in [*stages, ("finalize", [finalize_step], 1)]:
             previous = SlurmPipelineExecutor(
                 pipeline, tasks=n, workers=self.workers if s.get("workers") else -1,
                 cpus_per_task=s.get("cpus_per_task") or 1 if name != "finalize" else 1,
-                job_name=f"prepare_{name}", logging_dir=str(self.state / name), depends=previous,
-                slurm_logs_folder=str(self.state / name / "slurm_logs"), **common)
+                job_name=f"prepare_{name}", logging_dir=str(state / name), depends=previous,
+                slurm_logs_folder=str(state / name / "slurm_logs"), **common)
         try:
             with _datatrove_log(self.state / "slurm_submit.log"):
                 previous.run()  # launches its dependencies first
