@@ -333,47 +333,64 @@ def _commands(recipe: str) -> list[list[str]]:
     return [shlex.split(c) for c in recipe.split("&&")]
 
 
+def _options(argv: list[str]) -> dict[str, str | None]:
+    """``--flag value`` / ``--flag`` pairs of a command line, checked against the flags tools/prepare_data.py
+    declares (read from its source: its import needs the data preparation code, being rewritten beside)."""
+    declared = set(re.findall(r'add_argument\("(--[a-z][a-z-]*)"', (ROOT / "tools" / "prepare_data.py").read_text()))
+    out = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            assert a in declared, (a, sorted(declared))
+            out[a] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+    return out
+
+
 @pytest.mark.parametrize("name", PILE_CONFIGS)
 def test_released_config_trains_on_pythias_pile(name):
     """150M-1.5B train on Pythia's preshuffled deduplicated Pile in stored order, as the paper's recipe
     does; data.prepare downloads it and the tokenizer to where data.path and data.tokenizer point, and
-    prepares the Pile's validation set with that tokenizer into data.valid_path."""
+    prepares the Pile's validation split with that tokenizer into data.valid_path."""
     path = ROOT / "configs" / f"{name}.yml"
     cfg = load_config(path)
     d = cfg.data
     assert d.order == "stored" and Path(d.path).name == "document" and d.tokenizer.endswith("tokenizer.json")
     # 2049-token rows, 1024 a step, 143,000 steps: every one of Pythia's rows once, nothing held out.
     assert cfg.model.seq_length + 1 == 2049 and cfg.train.global_batch_size == 1024
-    assert cfg.train.steps * cfg.train.global_batch_size == PYTHIA_ROWS and d.valid_path
-    commands = _commands(d.prepare)
+    assert cfg.train.steps * cfg.train.global_batch_size == PYTHIA_ROWS and d.valid_path and not d.blend
     assert d.prepare == yaml.safe_load(path.read_text())["data"]["prepare"]
-    downloads = [c for c in commands if c[:2] == ["hf", "download"]]
-    pile = [c for c in downloads if c[2] == "EleutherAI/pile-deduped-pythia-preshuffled"]
-    assert len(pile) == 1 and "--repo-type" in pile[0] and pile[0][pile[0].index("--repo-type") + 1] == "dataset"
-    assert Path(pile[0][pile[0].index("--local-dir") + 1]) == Path(d.path).parent
-    assert any(Path(c[c.index("--local-dir") + 1]) / c[3] == Path(d.tokenizer) for c in downloads
-               if c[2] == "EleutherAI/gpt-neox-20b" and len(c) > 3)
+    commands = _commands(d.prepare)
+    fetched = {}  # what the downloads put where: {local file or prefix: (repo, repo type)}
+    for c in commands:
+        if c[:2] == ["hf", "download"]:
+            repo, rest, opts, files = c[2], c[3:], {}, []
+            while rest:  # hf download REPO [FILES ...] [--option value ...]
+                if rest[0].startswith("--"):
+                    opts[rest[0]], rest = rest[1], rest[2:]
+                else:
+                    files, rest = files + [rest[0]], rest[1:]
+            for f in files or [opts["--include"].rstrip("*")]:  # "document*": the prefix
+                fetched[Path(opts["--local-dir"]) / f] = (repo, opts.get("--repo-type", "model"))
+    assert fetched[Path(d.path)] == ("EleutherAI/pile-deduped-pythia-preshuffled", "dataset")
+    assert fetched[Path(d.tokenizer)] == ("EleutherAI/gpt-neox-20b", "model")
     (valid,) = [c for c in commands if c[:2] == ["python", "tools/prepare_data.py"]]
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", ROOT / "tools" / "prepare_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    args = tool.build_parser().parse_args(valid[2:])  # the tool accepts the recipe's flags
-    assert args.output == d.valid_path and args.tokenizer == d.tokenizer and args.hf_split == "validation"
+    opts = _options(valid[2:])
+    assert opts["--output"] == d.valid_path and opts["--tokenizer"] == d.tokenizer
+    assert fetched[Path(opts["--input"])] == ("monology/pile-uncopyrighted", "dataset")
+    assert opts["--input"].endswith("val.jsonl.zst")  # the Pile's validation split, not its training data
+    assert commands.index(valid) == len(commands) - 1  # after the downloads it reads
 
 
 @pytest.mark.parametrize("name", ["354M", "757M"])
 def test_openwebtext_configs_keep_their_recipe(name):
-    """The replacement, for the configs that do not train on the Pile, of test_data.py's
-    test_released_config_names_its_data_recipe."""
+    """354M and 757M (OpenWebText2, not the Pile) keep a prepare_data.py recipe that writes data.path and
+    trains a tokenizer that fits the embedding (what test_data.py's test_released_config_names_its_data_recipe
+    checked for every released config)."""
     path = ROOT / "configs" / f"{name}.yml"
     raw = yaml.safe_load(path.read_text())
     argv = shlex.split(raw["data"]["prepare"])
     assert argv[:2] == ["python", "tools/prepare_data.py"]
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", ROOT / "tools" / "prepare_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    args = tool.build_parser().parse_args(argv[2:])
-    assert args.output == raw["data"]["path"]
-    assert args.tokenizer is None and args.vocab_size <= raw["model"]["vocab_size"]
-    assert args.hf_dataset is None or args.streaming or args.max_documents is not None
+    opts = _options(argv[2:])
+    assert opts["--output"] == raw["data"]["path"]
+    assert "--tokenizer" not in opts and int(opts.get("--vocab-size") or 0) <= raw["model"]["vocab_size"]
+    assert "--hf-dataset" not in opts or "--streaming" in opts or "--max-documents" in opts
     assert load_config(path).data.prepare == raw["data"]["prepare"]
