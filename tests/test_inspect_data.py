@@ -419,3 +419,27 @@ def test_openwebtext_configs_keep_their_recipe(name):
     assert "--tokenizer" not in opts and int(opts.get("--vocab-size") or 0) <= raw["model"]["vocab_size"]
     assert "--hf-dataset" not in opts or "--streaming" in opts or "--max-documents" in opts
     assert load_config(path).data.prepare == raw["data"]["prepare"]
+
+
+# ---------------------------------------------------------------- the start-up benchmark runs
+
+
+def test_bench_startup_measures_both_orders(tmp_path, data):
+    """tools/bench_startup.py end to end on a tiny sparse corpus: both orders start and read the first
+    batch in fresh processes, over the training split the config leaves (2% held out for validation)."""
+    spec = importlib.util.spec_from_file_location("bench_startup_tool", ROOT / "tools" / "bench_startup.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "startup.json"
+    assert bench.main(["--dir", str(tmp_path / "corpora"), "--sizes", "0.01", "--repeat", "1", "--dp", "8",
+                       "--tokenizer", str(data["root"] / "tokenizer.json"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    rows = int(0.01e9) // (2049 * 2)
+    assert [(r["order"], r["rows"]) for r in results] == [("stored", rows), ("shuffled", rows)]
+    assert results[0]["samples"] == rows - round(rows * 0.02)  # stored: a row is a sample
+    assert results[1]["samples"] == (rows * 2049 - 1) // 2048 - round((rows * 2049 - 1) // 2048 * 0.02)
+    corpus = tmp_path / "corpora" / "0_01"
+    assert (corpus / "document.bin").stat().st_size == rows * 2049 * 2
+    assert (corpus / "document.bin").stat().st_blocks == 0  # sparse: nothing written
+    for r in results:
+        assert 0 < r["data_s"] < r["total_s"] and r["peak_mb"] >= r["peak_after_imports_mb"] > 0
