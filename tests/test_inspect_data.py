@@ -317,6 +317,8 @@ def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
         shares.append({line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")})
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {str(ours / n) for n in names}
+    for share in shares:  # the work is split by bytes: each share has one of the two large .bin files
+        assert sum(Path(f).suffix == ".bin" for f in share) == 1
     # One byte flipped in the second file, its size unchanged: start-up's checks pass, --verify does not.
     bad = ours / "00001_tokens.bin"
     raw = bytearray(bad.read_bytes())
@@ -331,9 +333,25 @@ def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
     assert inspect_cli(ours, "--verify", "--part", f"{which}/2").returncode == 2
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_verify_shares_cover_every_file_once_and_balance_the_bytes(parts):
+    """Pythia-like sizes (21 pieces of 30 GB but the last, one large index) and a datatrove-like directory."""
+    from megatron_tokenformer.data.inspect import shares
+
+    files = {f"document-{k:05d}-of-00020.bin": {"bytes": 30_000_000_000} for k in range(20)}
+    files |= {"document-00020-of-00020.bin": {"bytes": 78_336_000}, "document.idx": {"bytes": 1_757_184_042}}
+    files |= {f"{k:05d}_tokens.{e}": {"bytes": 10 ** (9 if e == "bin" else 6) + k} for k in range(5) for e in ("bin", "idx")}
+    got = shares(files, parts)
+    assert sorted(n for share in got for n in share) == sorted(files)  # every file, once
+    loads = [sum(files[n]["bytes"] for n in share) for share in got]
+    assert max(loads) - min(loads) <= max(f["bytes"] for f in files.values())  # no share a file heavier than another
+    assert shares(files, parts) == got  # the same on every machine
+
+
 @pytest.mark.parametrize("args, says", [
     (["{root}/missing"], "does not exist"),
     (["{root}/pile/document"], "without a tokenizer; set data.tokenizer"),
+    (["{root}/pile/document", "--documents", "0:1"], "(here: --tokenizer FILE)"),
     (["{root}/ours", "--documents", "x:y"], "is not a range A:B"),
     (["{root}/ours", "--documents", "5:5"], "selects none"),
     (["{root}/ours", "--verify", "--part", "3/2"], "--part 3/2"),

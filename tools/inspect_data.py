@@ -16,7 +16,8 @@ model.seq_length + 1 tokens, in the batch's order). End-of-document tokens are s
 
 PATH is a directory from tools/prepare_data.py, or a Megatron prefix or directory of them (then
 --tokenizer names its tokenizer, as data.tokenizer does). --verify checksums every file metadata.json
-records, one line per file; --part K/N checks the K-th of N shares, to split the work over machines.
+records, one line per file; --part K/N checks the K-th of N shares of about equal bytes, to split the
+work over machines.
 A mismatch prints one line naming the file and exits with code 2, as bad input does.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="tokenizer file of a Megatron dataset that carries none")
     ap.add_argument("--documents", metavar="A:B", help="print stored sequences A ... B-1")
     ap.add_argument("--verify", action="store_true", help="checksum every recorded file")
-    ap.add_argument("--part", metavar="K/N", help="with --verify: only the K-th of N shares of the files")
+    ap.add_argument("--part", metavar="K/N", help="with --verify: only the K-th of N shares of the files (about equal bytes)")
     ap.add_argument("--json", action="store_true", help="token ids as JSON instead of text")
     return ap
 
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("\n".join(I.summary(meta)))
     except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The data errors name config keys; on this command line data.tokenizer is --tokenizer.
+        hint = " (here: --tokenizer FILE)" if a.config is None and "set data.tokenizer" in str(e) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `| head`
         return 0
