@@ -18,7 +18,9 @@ orders. It reports the seconds from the first line of the process to the first b
 included), the seconds of the data part alone, and the peak resident memory (VmHWM) at the end, with the
 peak after the imports beside it so the data's own share shows, and at the end the private memory
 (RssAnon) apart from the pages of memory-mapped files (RssFile: the index, shared by every rank on a
-node and reclaimable, but counted in each one's resident set). Also the time to compute one step's
+node and reclaimable, but counted in each one's resident set). And the time of one later step's read by
+this rank at a random step no start read before (its pages not cached): the kernel's read-ahead on a
+page fault of a mapped file decides it (/sys/block/*/queue/read_ahead_kb), not the corpus size. Also the time to compute one step's
 order of 1024 samples (the shuffle is computed per position, never built).
 
 The lead folds this into tools/bench_data.py as its `startup` subcommand: ``main(argv)`` is the entry.
@@ -112,10 +114,16 @@ def child(spec: dict) -> dict:
     for s in starts:
         batches.sample_indices(range(int(s), int(s) + size))
     order_ms = (time.perf_counter() - o) / len(starts) * 1e3
+    # One later step's read by this rank, at a step no start has read before (a fresh random one in
+    # every process): what a step costs once the pages are not cached. Forced to a whole step's reads.
+    first = int.from_bytes(os.urandom(4), "little") % 143_000 * size
+    r = time.perf_counter()
+    assert sum(int(m.sum() >= 0) for m in batches.read(first)) == len(micros)
+    read_ms = (time.perf_counter() - r) * 1e3
     return {"samples": len(train), "total_s": in_hand - T0, "data_s": in_hand - t, "import_s": imported - T0,
             "peak_mb": _status_kb() / 1024, "peak_after_imports_mb": hwm_imported / 1024,
             "anon_mb": _status_kb("RssAnon") / 1024, "file_mb": _status_kb("RssFile") / 1024,
-            "order_ms_per_step": order_ms}
+            "order_ms_per_step": order_ms, "uncached_step_read_ms": read_ms}
 
 
 def measure(spec: dict, repeat: int) -> dict:
@@ -156,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(("Pile (146,432,000 rows)", PILE_ROWS, True))
     results = []
     print("| corpus | rows | order | start-up s (imports; data) | peak RSS MB (after imports) | at the end: "
-          "private MB, mapped files MB | order of one step ms |")
-    print("|---|---|---|---|---|---|---|")
+          "private MB, mapped files MB | order of one step ms | a later step's read, uncached, ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows, pieces in cases:
         t = time.perf_counter()
         prefix = build_corpus(Path(a.dir) / name.split()[0].replace(".", "_"), rows, pieces)
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                             "build_s": built, **r})
             print(f"| {name} | {rows:,} | {order} | {r['total_s']:.2f} ({r['import_s']:.2f}; {r['data_s']:.3f}) | "
                   f"{r['peak_mb']:.0f} ({r['peak_after_imports_mb']:.0f}) | {r['anon_mb']:.0f}, {r['file_mb']:.0f} | "
-                  f"{r['order_ms_per_step']:.2f} |", flush=True)
+                  f"{r['order_ms_per_step']:.2f} | {r['uncached_step_read_ms']:.0f} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"command": " ".join(["python", "tools/bench_startup.py", *(argv or sys.argv[1:])]),
                                             "dp": a.dp, "repeat": a.repeat, "results": results}, indent=1))
