@@ -131,7 +131,8 @@ def write_ours(path: Path, *parts, tok, source: str) -> None:
     meta = {"format_version": 2, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "dtype": str(dtype),
             "num_tokens": len(every), "num_documents": sum(len(p) for p in parts), "max_token_id": max(every),
             "tokenizer_file": "tokenizer.json", "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
-            "source": source, "prefixes": prefixes, "files": files, "stats": {"documents_per_file": [len(p) for p in parts]}}
+            "source": source, "prefixes": prefixes, "files": files,
+            "stats": {"documents_per_file": [len(p) for p in parts]}}
     (path / "metadata.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -299,7 +300,8 @@ def test_summary(capsys, data):
     pile = data["root"] / "pile"
     assert TOOL.main([str(pile / "document"), "--tokenizer", str(pile / "tokenizer.json")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert f"sequences: {len(data['rows'])}" in out and "checksums: none recorded (a Megatron dataset from elsewhere)" in out
+    assert f"sequences: {len(data['rows'])}" in out
+    assert "checksums: none recorded (a Megatron dataset from elsewhere)" in out
 
 
 def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
@@ -340,7 +342,8 @@ def test_verify_shares_cover_every_file_once_and_balance_the_bytes(parts):
 
     files = {f"document-{k:05d}-of-00020.bin": {"bytes": 30_000_000_000} for k in range(20)}
     files |= {"document-00020-of-00020.bin": {"bytes": 78_336_000}, "document.idx": {"bytes": 1_757_184_042}}
-    files |= {f"{k:05d}_tokens.{e}": {"bytes": 10 ** (9 if e == "bin" else 6) + k} for k in range(5) for e in ("bin", "idx")}
+    files |= {f"{k:05d}_tokens.{e}": {"bytes": 10 ** (9 if e == "bin" else 6) + k}
+              for k in range(5) for e in ("bin", "idx")}
     got = shares(files, parts)
     assert sorted(n for share in got for n in share) == sorted(files)  # every file, once
     loads = [sum(files[n]["bytes"] for n in share) for share in got]
@@ -433,7 +436,8 @@ def test_missing_pile_names_the_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing downloaded here
     with pytest.raises(DataError) as e:
         load_data(cfg.data, cfg.model.seq_length)
-    assert "(config key data.prepare)" in str(e.value) and "hf download EleutherAI/pile-deduped-pythia-preshuffled" in str(e.value)
+    assert "(config key data.prepare)" in str(e.value)
+    assert "hf download EleutherAI/pile-deduped-pythia-preshuffled" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["354M", "757M"])

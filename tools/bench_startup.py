@@ -18,10 +18,10 @@ orders. It reports the seconds from the first line of the process to the first b
 included), the seconds of the data part alone, and the peak resident memory (VmHWM) at the end, with the
 peak after the imports beside it so the data's own share shows, and at the end the private memory
 (RssAnon) apart from the pages of memory-mapped files (RssFile: the index, shared by every rank on a
-node and reclaimable, but counted in each one's resident set). And the time of one later step's read by
-this rank at a random step no start read before (its pages not cached): the kernel's read-ahead on a
-page fault of a mapped file decides it (/sys/block/*/queue/read_ahead_kb), not the corpus size. Also the time to compute one step's
-order of 1024 samples (the shuffle is computed per position, never built).
+node and reclaimable, but counted in each one's resident set). Also the time to compute one step's
+order of 1024 samples (the shuffle is computed per position, never built), and the time of one later
+step's read by this rank at a random step no start read before: its pages are not cached, and the
+kernel's read-ahead on each page fault of a mapped file (/sys/block/*/queue/read_ahead_kb) decides it.
 
 The lead folds this into tools/bench_data.py as its `startup` subcommand: ``main(argv)`` is the entry.
 """
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peak_mb']:.0f} ({r['peak_after_imports_mb']:.0f}) | {r['anon_mb']:.0f}, {r['file_mb']:.0f} | "
                   f"{r['order_ms_per_step']:.2f} | {r['uncached_step_read_ms']:.0f} |", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": " ".join(["python", "tools/bench_startup.py", *(argv or sys.argv[1:])]),
+        command = " ".join(["python", "tools/bench_startup.py", *(argv if argv is not None else sys.argv[1:])])
+        Path(a.json).write_text(json.dumps({"command": command,
                                             "dp": a.dp, "repeat": a.repeat, "results": results}, indent=1))
     return 0
 

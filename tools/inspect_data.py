@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="tokenizer file of a Megatron dataset that carries none")
     ap.add_argument("--documents", metavar="A:B", help="print stored sequences A ... B-1")
     ap.add_argument("--verify", action="store_true", help="checksum every recorded file")
-    ap.add_argument("--part", metavar="K/N", help="with --verify: only the K-th of N shares of the files (about equal bytes)")
+    ap.add_argument("--part", metavar="K/N",
+                    help="with --verify: only the K-th of N shares of the files (of about equal bytes)")
     ap.add_argument("--json", action="store_true", help="token ids as JSON instead of text")
     return ap
 
