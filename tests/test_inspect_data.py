@@ -237,8 +237,6 @@ def test_step_is_what_data_parallel_trained_on_in_stored_order_and_a_spike_names
         assert text.count("<|endoftext|>") == ids.count(tok.eod_id)
 
 
-@pytest.mark.xfail(strict=True, reason="indexed.read_index requires document indices from 0 to S; Pythia's "
-                   "document.idx records one entry (1,757,184,042 bytes = 34 + 12 * 146,432,000 + 8): the lead's fix")
 def test_pythias_own_index_layout_is_read(capsys, tmp_path, data):
     """Pythia's document.idx has a single document index entry (its size is 34 + 12*S + 8 bytes), beside
     byte-split pieces: --documents (and training) must read its rows."""
@@ -426,8 +424,6 @@ def test_released_config_trains_on_pythias_pile(name):
     assert commands.index(valid) == len(commands) - 1  # after the downloads it reads
 
 
-@pytest.mark.xfail(strict=True, reason="dataset._builds drops a recipe unless every --output in it is data.path: the "
-                   "Pile recipe's --output is data.valid_path (its data.path is downloaded): the lead's fix")
 def test_missing_pile_names_the_download(tmp_path, monkeypatch):
     """Before the download, a released config's error names its data.prepare (the download command)."""
     from megatron_tokenformer.data import DataError, load_data
