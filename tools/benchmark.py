@@ -216,7 +216,7 @@ def data_loader_fraction(cfg, step_s: float) -> float | None:
     try:
         from megatron_tokenformer.data import SampleSet, TrainBatches, load_meta
 
-        meta = load_meta(cfg.data.path, verify=False, recipe=cfg.data.prepare)
+        meta = load_meta(cfg.data.path, recipe=cfg.data.prepare, tokenizer=cfg.data.tokenizer)
     except Exception:
         return None
     samples = SampleSet(meta, cfg.model.seq_length, "train", cfg.data.valid_fraction)

@@ -138,7 +138,7 @@ def main() -> int:
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
-    vocab = padded_vocab_size(cfg, load_meta(cfg.data.path, recipe=cfg.data.prepare).vocab_size)
+    vocab = padded_vocab_size(cfg, load_meta(cfg.data.path, recipe=cfg.data.prepare, tokenizer=cfg.data.tokenizer).vocab_size)
     factors = [float(f) for f in args.factors.split(",")]
     sizes = [{k: int(getattr(cfg.model, k) * f) for k in TOKEN_KEYS} for f in factors]
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length

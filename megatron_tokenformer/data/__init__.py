@@ -13,7 +13,7 @@ __all__ = ["BlendedBatches", "BlendedSamples", "DataError", "DatasetMeta", "Samp
 def __getattr__(name: str):
     # Preparation pulls in datatrove and datasets: imported when asked for, not by every training rank.
     if name in ("prepare", "prepare_default"):
-        from . import prepare as module
+        import importlib
 
-        return getattr(module, name)
+        return getattr(importlib.import_module(f"{__name__}.prepare"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

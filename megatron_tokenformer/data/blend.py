@@ -175,7 +175,8 @@ def load_data(data_cfg, seq_length: int) -> tuple[DatasetMeta, SampleSet | Blend
     split = "all" if d.valid_path else "train"
     train = [SampleSet(m, seq_length, split, d.valid_fraction, d.order) for m in metas]
     if d.valid_path:
-        vmeta = load_meta(d.valid_path, verify=d.verify_checksums, key="data.valid_path", tokenizer=d.tokenizer)
+        vmeta = load_meta(d.valid_path, verify=d.verify_checksums, recipe=d.prepare, key="data.valid_path",
+                          tokenizer=d.tokenizer)
         if vmeta.tokenizer_sha256 != metas[0].tokenizer_sha256:
             raise DataError(f"data.valid_path={d.valid_path} was prepared with another tokenizer than "
                             f"{keys[0]}={sources[0].path} ({vmeta.tokenizer_path} vs {metas[0].tokenizer_path}); "

@@ -73,14 +73,18 @@ def prepare_command(path: str | Path) -> str:
 
 
 def _builds(recipe: str, path: str | Path) -> bool:
-    """Whether ``recipe`` writes ``path``: data.path may be overridden while data.prepare is not."""
+    """Whether ``recipe`` writes ``path``: data.path may be overridden while data.prepare is not. Its
+    outputs are the --output (prepare_data.py) and --local-dir (a Hub download) arguments; it builds
+    ``path`` when one of them is ``path`` or a directory above it (a download holds the prefix)."""
     try:
         argv = shlex.split(recipe)
     except ValueError:
         return True
-    outputs = ([b for a, b in zip(argv, argv[1:]) if a == "--output"]
-               + [a.removeprefix("--output=") for a in argv if a.startswith("--output=")])
-    return all(Path(out).resolve() == Path(path).resolve() for out in outputs)
+    flags = ("--output", "--local-dir")
+    outputs = ([b for a, b in zip(argv, argv[1:]) if a in flags]
+               + [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in flags and "=" in a])
+    target = Path(path).resolve()
+    return not outputs or any(Path(out).resolve() in (target, *target.parents) for out in outputs)
 
 
 def load_meta(path: str | Path, verify: bool = False, recipe: str | None = None, key: str = "data.path",

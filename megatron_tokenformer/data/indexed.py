@@ -14,11 +14,12 @@ We read it with our own code, not megatron-core's ``IndexedDataset``, because:
 The format is six fields; ``tests/test_indexed.py`` checks this reader against megatron-core's reader on
 files written by megatron-core's ``IndexedDatasetBuilder`` and by datatrove.
 
-Nothing here reads the tokens at open time: the index arrays are memory-mapped, and a rank touches only
-the pages of the sequences it reads.
+Nothing here reads the tokens at open time: the index arrays are memory-mapped, and the tokens are read
+with pread, only the bytes of the sequences asked for.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 from array import array
@@ -146,26 +147,37 @@ class Prefix:
         itemsize = self.index.dtype.itemsize
         self.starts = np.cumsum([0] + sizes)  # byte offset of each piece
         self.num_tokens = int(self.starts[-1]) // itemsize
-        self._maps: list[np.memmap | None] = [None] * len(self.files)
+        self._fds: list[int | None] = [None] * len(self.files)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", []):
+            if fd is not None:
+                os.close(fd)
 
     @property
     def dtype(self) -> np.dtype:
         return self.index.dtype
 
-    def _map(self, k: int) -> np.memmap:
-        if self._maps[k] is None:
-            self._maps[k] = np.memmap(self.files[k], np.uint8, "r")
-        return self._maps[k]
-
     def read_bytes(self, start: int, end: int) -> np.ndarray:
-        """Bytes [start, end) of the (possibly split) .bin, as uint8."""
-        parts, pos = [], start
+        """Bytes [start, end) of the (possibly split) .bin, as uint8.
+
+        Read with pread, not a memory map: a shuffled order reads a few KB here and there, and a page
+        fault on a map pulls the kernel's read-ahead (MBs) with it, ten to a hundred times the bytes
+        needed (measured: 578 ms instead of a few for a step of the Pile from disk); pread reads what
+        is asked, takes no memory beyond the page cache, and is safe from the prefetch thread."""
+        out = np.empty(end - start, np.uint8)
+        pos = start
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         while pos < end:
             hi = min(end, int(self.starts[k + 1]))
-            parts.append(self._map(k)[pos - int(self.starts[k]):hi - int(self.starts[k])])
+            if self._fds[k] is None:
+                self._fds[k] = os.open(self.files[k], os.O_RDONLY)
+            got = os.preadv(self._fds[k], [memoryview(out)[pos - start:hi - start]], pos - int(self.starts[k]))
+            if got != hi - pos:
+                raise IndexedError(f"'{self.files[k]}' ended early (read {got} of {hi - pos} bytes at offset "
+                                   f"{pos - int(self.starts[k])}): it changed while the run reads it")
             pos, k = hi, k + 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return out
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the token stream (sequences back to back), in the stored dtype."""
