@@ -142,6 +142,12 @@ def test_round_trip_and_layout(prepared, doc_corpus):
         assert (prepared / name).stat().st_size == info["bytes"] and sha256_file(prepared / name) == info["sha256"]
     assert sorted(p.name for p in prepared.iterdir()) == sorted([*meta["files"], "tokenizer.model", "metadata.json",
                                                                   ".prepare"])
+    # tools/inspect_data.py shows the documents the tokenizer gives for the input text.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shown = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_data.py"), str(prepared), "--documents",
+                            f"0:{len(docs)}", "--json"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [ids + [sp.eod_id] for ids in sp.encode_batch(docs)]
 
 
 def test_trained_tokenizer_is_the_in_process_one(prepared, doc_corpus):
