@@ -601,7 +601,7 @@ def test_empty_json_files_hold_no_records(prepared, tmp_path):
         prepare(tmp_path / "out", [str(src)], vocab_size=VOCAB, workers=1, log=quiet)
     (src / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     meta = prepare(tmp_path / "out2", [str(src)], tokenizer=prepared / "tokenizer.model", workers=1, log=quiet)
-    assert meta["num_documents"] == 2
+    assert meta.num_documents == 2 and meta.prefixes == [str(tmp_path / "out2" / "00000_tokens")]
 
 
 # ---------------------------------------------------------------- the built-in corpus and the configs

