@@ -127,13 +127,14 @@ def prepare_mixture(output: str | Path, sources: Sequence[tuple[float, str]], **
                         f"remove it or choose another --output")
     if any(w <= 0 for w, _ in sources):
         raise DataError("mixture weights must be > 0 (--input WEIGHT:PATH ...)")
+    if kwargs.get("executor") == "slurm":  # the later sources need the first one's tokenizer, in this process
+        raise DataError("a mixture prepares its sources one after another; use --executor local or ray, or "
+                        "prepare each source with its own command (--tokenizer the first one's)")
     metas, blend = [], []
     for i, (weight, path) in enumerate(sources):
         sub = out / f"source_{i:02d}"
         log(f"source {i}: {path} (weight {weight}) -> {sub}")
         meta = prepare(sub, [path], **kwargs)
-        if meta is None:  # submitted to SLURM: the later sources need this one's tokenizer
-            raise DataError("a mixture prepares its sources one after another; use --executor local or ray")
         if i == 0 and kwargs.get("tokenizer") is None:
             kwargs = {**kwargs, "tokenizer": meta.tokenizer_path}
         metas.append(meta)
