@@ -301,6 +301,7 @@ def test_min_chars_and_dedup(prepared, doc_corpus, tmp_path):
     stats = metadata(tmp_path / "out")["stats"]
     assert stats == {"documents_read": 8, "dropped_empty": 1, "dropped_min_chars": 2, "dropped_duplicates": 2}
     assert "dropped 1 empty, 2 min chars, 2 duplicates" in result.stdout
+    assert not (tmp_path / "out" / ".prepare" / "dedup").exists()  # the hashes are removed once done
 
 
 def test_mixture_writes_a_blend(prepared, doc_corpus, tmp_path):

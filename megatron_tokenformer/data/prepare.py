@@ -623,6 +623,9 @@ def finalize(out: Path, source: str, tasks: int, log: Log = print) -> dict:
             "tokenizer_file": tok_file.name, "tokenizer_sha256": sha256_file(tok_file), "source": source,
             "prefixes": [r["prefix"] for r in results if r["prefix"]], "files": files, "stats": stats}
     atomic_write_text(out / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+    # The dedup hashes (16 bytes a document) are spent; the logs, stats and completions (a few KB) stay
+    # in .prepare/ for the record.
+    shutil.rmtree(state / "dedup", ignore_errors=True)
     dropped = ", ".join(f"{v} {k.removeprefix('dropped_').replace('_', ' ')}" for k, v in stats.items()
                         if k.startswith("dropped_"))
     log(f"{out}: prepared {num_documents} documents, {meta['num_tokens']} tokens, vocab {meta['vocab_size']}, "
