@@ -267,10 +267,15 @@ class _Records:
         return self.limit is not None and self.count >= self.limit
 
     def adapt(self, data: dict, where: str, id_in_file) -> dict:
-        text = data.get(self.text_key)
-        if not isinstance(text, str):
+        text = data.get(self.text_key, ...)
+        if text is None:  # null: an empty document, as the old preparation read it
+            text = ""
+        if text is ...:
             raise DataError(f"{where}: record {id_in_file} has no text field {self.text_key!r} (fields: "
                             f"{', '.join(map(str, data)) or 'none'}); choose the text field with --text-key")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: record {id_in_file}'s field {self.text_key!r} holds {type(text).__name__}, "
+                            f"not text; choose the text field with --text-key")
         self.count += 1
         self.step.stat_update("documents_read")
         if not text.strip():
