@@ -164,6 +164,53 @@ def test_tasks_and_workers_do_not_change_tokens(prepared, doc_corpus, tmp_path):
     assert metadata(tmp_path / "one")["tokenizer_sha256"] == metadata(prepared)["tokenizer_sha256"]
 
 
+def test_more_tasks_than_files_cut_the_files(prepared, doc_corpus, tmp_path):
+    """A plain .jsonl (cut by bytes), a .jsonl.zst (by lines) and a Parquet file (by rows) over 9 tasks:
+    the documents of a one-task run, in the same order; every task has its part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = doc_corpus[1]
+    records = [f"[{i}] {d}" for i in range(6) for d in docs]  # 84 documents
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records[:20]))
+    small_window = zstandard.ZstdCompressionParameters(window_log=10)  # the repeated texts stay big
+    (src / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor(compression_params=small_window).compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in records[20:70]).encode()))
+    pq.write_table(pa.table({"text": records[70:]}), src / "c.parquet", row_group_size=5)
+    tok = str(prepared / "tokenizer.model")
+    prepare_cli("--input", str(src), "--output", "nine", "--tokenizer", tok, "--tasks", "9", "--workers", "2",
+                cwd=tmp_path, check=True)
+    prepare_cli("--input", str(src), "--output", "one", "--tokenizer", tok, "--tasks", "1", cwd=tmp_path,
+                check=True)
+    sp = load_tokenizer(tok)
+    assert sequences(tmp_path / "nine") == sequences(tmp_path / "one") == [
+        ids + [sp.eod_id] for ids in sp.encode_batch(records)]
+    assert len(metadata(tmp_path / "nine")["prefixes"]) == 9
+    plan = json.loads((tmp_path / "nine" / ".prepare" / "plan.json").read_text())
+    assert {Path(run[0][0]).name for run in plan if isinstance(run[0], list)} == {"a.jsonl", "b.jsonl.zst",
+                                                                                  "c.parquet"}
+    assert metadata(tmp_path / "nine")["stats"]["documents_read"] == len(records)
+
+
+@pytest.mark.parametrize("name", ["lines.jsonl", "lines.jsonl.gz"])
+def test_file_parts_cover_every_line_once(tmp_path, name):
+    """However a JSON lines file is cut (by bytes, or by lines when compressed), its parts hold each
+    line exactly once, in order, also when a cut falls on a line's first byte or inside it."""
+    from megatron_tokenformer.data.sources import _StrictJsonlReader
+
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": "x" * int(n)}) + "\n" for n in rng.integers(0, 40, size=200)]
+    data = "".join(lines).encode()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    reader = _StrictJsonlReader(str(tmp_path))
+    for parts in (1, 2, 3, 7, 64, 199, 200, 257):
+        got = [line.decode() for part in range(parts) for _, line in reader._part(name, part, parts)]
+        assert got == lines, parts
+
+
 def _big_corpus(root: Path, docs: list[str], files: int = 16, copies: int = 6) -> Path:
     """Several MB of text: each file the documents repeated, numbered so no two are equal."""
     root.mkdir()
@@ -549,7 +596,7 @@ BAD_INPUTS = [
     ("late.jsonl", lambda f: f.write_text('{"text": "a"}\n' * 3000 + '{"text": "b", "x": [\n'),
      "could not be read .*JSON parse error on line 3001", False),
     ("later.jsonl", lambda f: f.write_text('{"text": "a"}\n' * 30 + '{"body": "b"}\n'),
-     "record 30 has no text field 'text' .*--text-key", False),
+     "line 31 has no text field 'text' .*--text-key", False),
     ("fake.parquet", lambda f: f.write_text("text"), "is not a readable Parquet file", True),
     ("ids.parquet", lambda f: _write_parquet(f, text=[1, 2]), "column 'text' holds int64, not text", True),
 ]

@@ -42,7 +42,7 @@ from ..tokenizer import FILE_NAMES, TokenizerError, kind_of, load_tokenizer, sto
 from .dataset import DEFAULT_PATH, METADATA_FILE, DataError, DatasetMeta, load_meta
 from .indexed import IndexWriter, Prefix, token_dtype
 from .sources import (SHAKESPEARE_SOURCE, FilesReader, HubReader, Log, check_input, fetch_shakespeare,
-                      first_hub_record, resolve_inputs, split_files)
+                      first_hub_record, plan_files, resolve_inputs, split_files)
 
 FORMAT_VERSION = 2
 DEFAULT_OUTPUT = DEFAULT_PATH  # the built-in corpus goes where data.path points by default
@@ -153,8 +153,8 @@ class _FilesSource:
     def __init__(self, files: list[Path], text_key: str, limit: int | None):
         self.files, self.text_key, self.limit = files, text_key, limit
 
-    def plan(self, tasks: int) -> list[list[str]]:
-        return split_files(self.files, 1 if self.limit else min(tasks, len(self.files)))
+    def plan(self, tasks: int) -> list[list]:
+        return split_files(self.files, 1 if self.limit else tasks)
 
     def reader(self, plan: list[list[str]]) -> PipelineStep:
         return FilesReader(plan, self.text_key, self.limit)
@@ -256,12 +256,12 @@ class _Job:
         plan = src.plan(self.tasks)
         if plan_file.is_file():  # a resumed run keeps the first run's split, whatever --tasks says now
             old = json.loads(plan_file.read_text())
-            if sorted(sum(old, [])) == sorted(sum(plan, [])):
+            if plan_files(old) == plan_files(plan):
                 plan = old
             elif any((self.state / "tokenize" / "completions").glob("*")):
                 raise DataError(f"the input files changed since '{self.out}' started to be prepared (now "
-                                f"{len(sum(plan, []))} files, then {len(sum(old, []))}); restore them, or pass "
-                                f"--force to start over")
+                                f"{len(plan_files(plan))} files, then {len(plan_files(old))}); restore them, or "
+                                f"pass --force to start over")
         atomic_write_text(plan_file, json.dumps(plan) + "\n")
         reader = src.reader(plan)
         tok_file = self._tokenizer_file(reader)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import orjson
 import pyarrow as pa
@@ -236,21 +236,46 @@ def _first_json_record(f: Path) -> dict | None:
 # ---------------------------------------------------------------- datatrove readers
 
 
-def split_files(files: Sequence[Path], tasks: int) -> list[list[str]]:
-    """Files cut into ``tasks`` runs of consecutive files of about equal bytes.
+def split_files(files: Sequence[Path], tasks: int) -> list[list]:
+    """The files as ``tasks`` runs of consecutive files of about equal bytes; each entry of a run is a
+    path, or ``[path, part, parts]`` for a part of a file.
 
     Consecutive, not datatrove's round robin: the tasks' outputs, read in task order, are the
-    documents in input order, whatever --tasks is.
+    documents in input order, whatever --tasks is. With more tasks than files, the JSON lines and
+    Parquet files are cut into parts (more parts for bigger files): a plain .jsonl by bytes, a
+    compressed one or a Parquet file by records, so a corpus of a few big files (the Pile's 30) still
+    spreads over every worker.
     """
     sizes = [max(1, f.stat().st_size) for f in files]
+    if tasks > len(files):
+        parts = [1] * len(files)
+        splittable = [i for i, f in enumerate(files) if splittable_file(f)]
+        for _ in range(tasks - len(files) if splittable else 0):  # each extra part to the file whose parts are biggest
+            i = max(splittable, key=lambda i: sizes[i] / parts[i])
+            parts[i] += 1
+        pieces = [[str(f.resolve()), j, k] if k > 1 else str(f.resolve())
+                  for f, k in zip(files, parts) for j in range(k)]
+        return [[piece] for piece in pieces]
     total = sum(sizes)
-    plan: list[list[str]] = [[] for _ in range(tasks)]
+    plan: list[list] = [[] for _ in range(tasks)]
     before = 0
     for f, size in zip(files, sizes):
         # The task whose share of the bytes holds this file's middle byte.
         plan[min(tasks - 1, (2 * before + size) * tasks // (2 * total))].append(str(f.resolve()))
         before += size
     return plan
+
+
+def splittable_file(f: Path) -> bool:
+    """JSON lines (plain or compressed) and Parquet can be read in parts; a .txt (one document) or a
+    JSON list cannot."""
+    kind = file_format(f)
+    return kind == "parquet" or (kind == "json" and not _starts_with_list(f))
+
+
+def plan_files(plan: list[list]) -> list[str]:
+    """The paths a plan reads, sorted (to tell whether the input changed)."""
+    return sorted({e if isinstance(e, str) else e[0] for run in plan for e in run})
 
 
 class _Records:
@@ -270,12 +295,13 @@ class _Records:
         text = data.get(self.text_key, ...)
         if text is None:  # null: an empty document, as the old preparation read it
             text = ""
+        which = f"record {id_in_file}" if isinstance(id_in_file, int) else id_in_file  # or "line N"
         if text is ...:
-            raise DataError(f"{where}: record {id_in_file} has no text field {self.text_key!r} (fields: "
+            raise DataError(f"{where}: {which} has no text field {self.text_key!r} (fields: "
                             f"{', '.join(map(str, data)) or 'none'}); choose the text field with --text-key")
         if not isinstance(text, str):
-            raise DataError(f"{where}: record {id_in_file}'s field {self.text_key!r} holds {type(text).__name__}, "
-                            f"not text; choose the text field with --text-key")
+            raise DataError(f"{where}: the field {self.text_key!r} of {which} holds {type(text).__name__}, not "
+                            f"text; choose the text field with --text-key")
         self.count += 1
         self.step.stat_update("documents_read")
         if not text.strip():
@@ -288,27 +314,59 @@ class _StrictJsonlReader(JsonlReader):
     """datatrove's JSON lines reader (plain, .zst, .gz through its fsspec io), except that a line that is
     not JSON stops the run naming the file, where datatrove logs a warning and skips it."""
 
-    def read_file(self, filepath: str) -> DocumentsPipeline:
+    def read_file(self, filepath: str, part: int = 0, parts: int = 1) -> DocumentsPipeline:
         shown = self.data_folder.resolve_paths(filepath)
-        with _lines(self.data_folder.open(filepath, "rb", compression=self.compression)) as f:
-            try:
+        try:
+            for where, line in self._part(filepath, part, parts):
+                if not line.strip():
+                    continue
+                try:
+                    data = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    raise DataError(f"'{shown}' could not be read (JSON parse error on {where}: {e}); "
+                                    f"fix or leave out the bad file (--input)") from None
+                if not isinstance(data, dict):
+                    raise DataError(f"'{shown}' does not hold JSON records ({where} is not an object); "
+                                    f"leave it out of --input")
+                document = self.get_document_from_dict(data, filepath, where)
+                if document:
+                    yield document
+        except (OSError, EOFError) as e:
+            raise DataError(f"'{shown}' could not be read ({type(e).__name__}: {e}); fix or leave out the "
+                            f"bad file (--input)") from e
+
+    def _part(self, filepath: str, part: int, parts: int) -> Iterator[tuple[str, bytes]]:
+        """(where, line) of the lines in part ``part`` of ``parts``: a plain file's lines that start in
+        its ``part``-th share of bytes; a compressed file's ``part``-th share of lines (counted first:
+        decompressing is fast next to tokenizing)."""
+        compressed = not filepath.lower().endswith((".jsonl", ".json"))
+        if parts == 1 or compressed:
+            lo = hi = None
+            if parts > 1:
+                with _lines(self.data_folder.open(filepath, "rb", compression=self.compression)) as f:
+                    n = sum(1 for _ in f)
+                lo, hi = part * n // parts, (part + 1) * n // parts
+            with _lines(self.data_folder.open(filepath, "rb", compression=self.compression)) as f:
                 for li, line in enumerate(f):
-                    if not line.strip():
+                    if lo is not None and not lo <= li < hi:
+                        if li >= hi:
+                            return
                         continue
-                    try:
-                        data = orjson.loads(line)
-                    except orjson.JSONDecodeError as e:
-                        raise DataError(f"'{shown}' could not be read (JSON parse error on line {li + 1}: {e}); "
-                                        f"fix or leave out the bad file (--input)") from None
-                    if not isinstance(data, dict):
-                        raise DataError(f"'{shown}' does not hold JSON records (line {li + 1} is not an object); "
-                                        f"leave it out of --input")
-                    document = self.get_document_from_dict(data, filepath, li)
-                    if document:
-                        yield document
-            except (OSError, EOFError) as e:
-                raise DataError(f"'{shown}' could not be read ({type(e).__name__}: {e}); fix or leave out the "
-                                f"bad file (--input)") from e
+                    yield f"line {li + 1}", line
+            return
+        size = self.data_folder.size(filepath)
+        lo, hi = part * size // parts, (part + 1) * size // parts
+        with self.data_folder.open(filepath, "rb") as f:
+            pos = lo
+            if lo > 0:  # the line holding byte lo - 1 belongs to the part before
+                f.seek(lo - 1)
+                pos = lo - 1 + len(f.readline())
+            while pos < hi:
+                line = f.readline()
+                if not line:
+                    return
+                yield f"the line at byte {pos}", line
+                pos += len(line)
 
 
 class FilesReader(BaseReader):
@@ -325,16 +383,17 @@ class FilesReader(BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         records = _Records(self, self.text_key, self.max_records)
         records.rank = rank
-        for path in self.plan[rank]:
+        for entry in self.plan[rank]:
+            path, part, parts = (entry, 0, 1) if isinstance(entry, str) else entry
             if records.full():
                 return
             self.stat_update("input_files")
-            for doc in self._read(Path(path), records):
+            for doc in self._read(Path(path), records, part, parts):
                 yield doc
                 if records.full():
                     return
 
-    def _read(self, f: Path, records: _Records) -> DocumentsPipeline:
+    def _read(self, f: Path, records: _Records, part: int = 0, parts: int = 1) -> DocumentsPipeline:
         kind = file_format(f)
 
         def adapter(_reader, data: dict, _path: str, id_in_file) -> dict:
@@ -345,6 +404,22 @@ class FilesReader(BaseReader):
             doc = records.adapt({self.text_key: read_text_document(f)}, f"'{f}'", str(f))
             if doc["text"]:
                 yield Document(**doc)
+        elif kind == "parquet" and parts > 1:
+            try:
+                pf = pq.ParquetFile(f)
+                n = pf.metadata.num_rows
+                lo, hi, row = part * n // parts, (part + 1) * n // parts, 0
+                for batch in pf.iter_batches(columns=[self.text_key]):
+                    for text in batch.column(0).to_pylist()[max(0, lo - row):max(0, hi - row)]:
+                        doc = adapter(None, {self.text_key: text}, str(f), row)
+                        if doc["text"]:
+                            yield Document(**doc)
+                    row += batch.num_rows
+                    if row >= hi:
+                        break
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"'{f}' could not be read ({type(e).__name__}: {e}); fix or leave out the bad "
+                                f"file (--input)") from e
         elif kind == "parquet":
             reader = ParquetReader(str(f.parent), adapter=adapter, text_key=self.text_key, read_metadata=True)
             try:
@@ -365,7 +440,8 @@ class FilesReader(BaseReader):
                 if doc["text"]:
                     yield Document(**doc)
         else:
-            yield from _StrictJsonlReader(str(f.parent), adapter=adapter, text_key=self.text_key).read_file(f.name)
+            reader = _StrictJsonlReader(str(f.parent), adapter=adapter, text_key=self.text_key)
+            yield from reader.read_file(f.name, part, parts)
 
 
 def _lines(fh):
