@@ -492,7 +492,9 @@ def test_convert_v1(prepared, doc_corpus, tmp_path):
     assert "`python tools/prepare_data.py --convert old`" in refused.stderr
     prepare_cli("--convert", "old", "--output", "new", cwd=tmp_path, check=True)
     assert (tmp_path / "old" / "doc_index.npy").is_file()  # --output leaves the old one alone
-    prepare_cli("--convert", "old", cwd=tmp_path, check=True)  # in place
+    # In place, after a conversion killed before its switch (a half-written new pair beside the old files).
+    (tmp_path / "old" / "00000_tokens.bin").write_bytes(b"\1\2\3")
+    prepare_cli("--convert", "old", cwd=tmp_path, check=True)
     for out in (tmp_path / "new", tmp_path / "old"):
         meta = metadata(out)
         assert set(meta) == METADATA_KEYS and meta["prefixes"] == ["00000_tokens"]
@@ -502,6 +504,12 @@ def test_convert_v1(prepared, doc_corpus, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["00000_tokens.bin", "00000_tokens.idx", "metadata.json",
                                                          "tokenizer.model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # no temporary directory left
+    # Killed after its switch (the old files still there): run again, it removes them.
+    (tmp_path / "old" / "tokens_00000.bin").write_bytes(b"\0\0")
+    (tmp_path / "old" / "doc_index.npy").write_bytes(b"")
+    again = prepare_cli("--convert", "old", cwd=tmp_path, check=True)
+    assert "nothing to convert" in again.stdout and not (tmp_path / "old" / "doc_index.npy").exists()
+    assert sequences(tmp_path / "old") == seqs
     # A damaged old dataset is refused, and left as it was.
     _write_v1(prepared, tmp_path / "broken")
     (tmp_path / "broken" / "tokens_00001.bin").write_bytes(b"\0\0")

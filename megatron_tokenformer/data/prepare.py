@@ -740,8 +740,11 @@ def convert_v1(src: str | Path, dest: str | Path | None = None, log: Log = print
     """Rewrite a format_version 1 directory (flat tokens_NNNNN.bin + doc_index.npy) as one
     ``00000_tokens`` pair with format_version 2 metadata, the same tokens.
 
-    Safe to kill: everything is written into a temporary directory beside the result and renamed into
-    place at the end; in place, the old directory is swapped out only then.
+    Safe to kill at any point. Into a new ``dest``: everything is written into a temporary directory
+    beside it, renamed into place at the end. In place: the new pair is written beside the old files
+    (no name is shared), then metadata.json is replaced atomically (the switch: before it the directory
+    is the old dataset, after it the new one), then the old files are removed; a killed conversion is
+    finished by running it again.
     """
     src = Path(src)
     dest = Path(dest) if dest is not None else src
@@ -750,63 +753,87 @@ def convert_v1(src: str | Path, dest: str | Path | None = None, log: Log = print
         raise DataError(f"'{src}' holds no {METADATA_FILE}: not a prepared dataset (--convert)")
     old = json.loads(meta_file.read_text())
     if old.get("format_version") == FORMAT_VERSION:
+        _remove_v1_files(src)  # left by a conversion killed after its switch
         log(f"{src}: already format_version {FORMAT_VERSION}; nothing to convert")
         return old
     if old.get("format_version") != 1:
         raise DataError(f"'{meta_file}' has format_version {old.get('format_version')}; --convert reads version 1")
     if dest != src and dest.exists() and any(dest.iterdir()):
         raise DataError(f"--output '{dest}' exists and is not empty; choose another --output")
-    ends = np.load(src / "doc_index.npy")
     tok_name = old.get("tokenizer_file", "tokenizer.model")
-    dtype = token_dtype(old["vocab_size"])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.convert-", dir=dest.parent))
-    try:
-        shards = [src / s["file"] for s in old["shards"]]
-        for s, f in zip(old["shards"], shards):
-            if not f.is_file() or f.stat().st_size != np.dtype(old["dtype"]).itemsize * s["num_tokens"]:
-                raise DataError(f"'{f}' is missing or not {s['num_tokens']} tokens long: the old dataset is "
-                                f"damaged; prepare it again instead of converting")
-        stream = np.concatenate([np.memmap(f, old["dtype"], "r") for f in shards]) if shards else np.zeros(0)
-        if len(stream) != old["num_tokens"] or (len(ends) and int(ends[-1]) != len(stream)):
-            raise DataError(f"'{src}': doc_index.npy and the shards disagree on the token count; prepare it again")
-        writer = IndexWriter(tmp / "00000_tokens", dtype)
-        digest = hashlib.sha256()
-        start = 0
-        for end in ends.tolist():
-            doc = np.asarray(stream[start:end], dtype=dtype)
-            writer.add(doc)
-            digest.update(doc)
-            start = end
-        writer.close()
-        shutil.copyfile(src / tok_name, tmp / tok_name)
-        max_id = int(stream.max()) if len(stream) else -1
-        meta = {"format_version": FORMAT_VERSION, "vocab_size": old["vocab_size"], "eod_id": old["eod_id"],
-                "dtype": dtype.name, "num_tokens": int(old["num_tokens"]), "num_documents": int(len(ends)),
-                "max_token_id": max_id, "tokenizer_file": tok_name, "tokenizer_sha256": sha256_file(tmp / tok_name),
-                "source": old.get("source", ""), "prefixes": ["00000_tokens"],
-                "files": {n: {"bytes": (tmp / n).stat().st_size,
-                              "sha256": digest.hexdigest() if n.endswith(".bin") else sha256_file(tmp / n)}
-                          for n in ("00000_tokens.bin", "00000_tokens.idx")},
-                "stats": {"converted_from": "format_version 1"}}
-        for extra in ("raw",):  # the built-in corpus keeps its raw texts
-            if (src / extra).is_dir():
-                shutil.copytree(src / extra, tmp / extra)
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any directory
-        if dest == src:
-            aside = src.with_name(f".{src.name}.v1-{os.getpid()}")
-            src.rename(aside)
-            tmp.rename(dest)
-            shutil.rmtree(aside)
-        else:
+    shards = [src / s["file"] for s in old["shards"]]
+    for s, f in zip(old["shards"], shards):
+        if not f.is_file() or f.stat().st_size != np.dtype(old["dtype"]).itemsize * s["num_tokens"]:
+            raise DataError(f"'{f}' is missing or not {s['num_tokens']} tokens long: the old dataset is damaged; "
+                            f"prepare it again instead of converting")
+    if not (src / tok_name).is_file() or not (src / "doc_index.npy").is_file():
+        raise DataError(f"'{src}' lacks {tok_name} or doc_index.npy: the old dataset is damaged; prepare it again")
+    if dest == src:
+        meta = _write_v2_pair(src, old, shards, src)
+        atomic_write_text(src / METADATA_FILE, json.dumps(meta, indent=2) + "\n")  # the switch
+        _remove_v1_files(src)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.convert-", dir=dest.parent))
+        try:
+            shutil.copyfile(src / tok_name, tmp / tok_name)
+            if (src / "raw").is_dir():  # the built-in corpus keeps its raw texts
+                shutil.copytree(src / "raw", tmp / "raw")
+            meta = _write_v2_pair(src, old, shards, tmp)
+            atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like any directory
             if dest.exists():
-                dest.rmdir()
+                dest.rmdir()  # empty, checked above
             tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op after the rename
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op after the rename
     check = Prefix(dest / "00000_tokens")
     assert check.index.num_sequences == meta["num_documents"]
     log(f"{dest}: converted {meta['num_documents']} documents, {meta['num_tokens']} tokens to format_version "
         f"{FORMAT_VERSION}")
     return meta
+
+
+def _write_v2_pair(src: Path, old: dict, shards: list[Path], into: Path) -> dict:
+    """``into/00000_tokens.bin/.idx`` from the old shards and doc_index.npy; returns the v2 metadata."""
+    ends = np.load(src / "doc_index.npy")
+    dtype = token_dtype(old["vocab_size"])
+    parts = [np.memmap(f, old["dtype"], "r") for f in shards]
+    stream_len = sum(len(p) for p in parts)
+    if stream_len != old["num_tokens"] or (len(ends) and int(ends[-1]) != stream_len):
+        raise DataError(f"'{src}': doc_index.npy and the shards disagree on the token count; prepare it again")
+    starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def tokens(a: int, b: int) -> np.ndarray:  # [a, b) of the concatenated shards, without loading them all
+        k = int(np.searchsorted(starts, a, side="right")) - 1
+        out = []
+        while a < b:
+            hi = min(b, int(starts[k + 1]))
+            out.append(parts[k][a - int(starts[k]):hi - int(starts[k])])
+            a, k = hi, k + 1
+        return np.concatenate(out).astype(dtype) if out else np.zeros(0, dtype)
+
+    writer = IndexWriter(into / "00000_tokens", dtype)
+    digest = hashlib.sha256()
+    start, max_id = 0, -1
+    for end in ends.tolist():
+        doc = tokens(start, end)
+        writer.add(doc)
+        digest.update(doc)
+        max_id = max(max_id, int(doc.max()) if len(doc) else -1)
+        start = end
+    writer.close()
+    tok_name = old.get("tokenizer_file", "tokenizer.model")
+    return {"format_version": FORMAT_VERSION, "vocab_size": old["vocab_size"], "eod_id": old["eod_id"],
+            "dtype": dtype.name, "num_tokens": int(old["num_tokens"]), "num_documents": int(len(ends)),
+            "max_token_id": max_id, "tokenizer_file": tok_name, "tokenizer_sha256": sha256_file(src / tok_name),
+            "source": old.get("source", ""), "prefixes": ["00000_tokens"],
+            "files": {"00000_tokens.bin": {"bytes": writer.bin_path.stat().st_size, "sha256": digest.hexdigest()},
+                      "00000_tokens.idx": {"bytes": writer.idx_path.stat().st_size,
+                                           "sha256": sha256_file(writer.idx_path)}},
+            "stats": {"converted_from": "format_version 1"}}
+
+
+def _remove_v1_files(root: Path) -> None:
+    for f in [*root.glob("tokens_*.bin"), root / "doc_index.npy"]:
+        f.unlink(missing_ok=True)
