@@ -473,7 +473,8 @@ def _write_v1(prepared: Path, dest: Path, shard_tokens: int = 7000) -> list[list
     for k, start in enumerate(range(0, len(flat), shard_tokens)):
         part = flat[start:start + shard_tokens]
         (dest / f"tokens_{k:05d}.bin").write_bytes(part.tobytes())
-        shards.append({"file": f"tokens_{k:05d}.bin", "num_tokens": len(part), "sha256": sha256_file(dest / f"tokens_{k:05d}.bin")})
+        shards.append({"file": f"tokens_{k:05d}.bin", "num_tokens": len(part),
+                       "sha256": sha256_file(dest / f"tokens_{k:05d}.bin")})
     np.save(dest / "doc_index.npy", np.cumsum([len(s) for s in seqs]).astype(np.int64))
     (dest / "tokenizer.model").write_bytes((prepared / "tokenizer.model").read_bytes())
     meta = metadata(prepared)

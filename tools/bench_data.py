@@ -134,9 +134,9 @@ def _prepare_run(corpus: Path, tokenizer: Path, work: Path, workers: int, tasks:
         lines = [line for line in log.read_text().splitlines() if line[:4].isdigit()]
         stamps += [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp() for line in (lines[0], lines[-1])]
     dataset = sum(f["bytes"] for f in meta["files"].values())
-    result = {"seconds": seconds, "task_seconds": max(stamps) - min(stamps), "tokens": meta["num_tokens"], "documents": meta["num_documents"],
-              "dataset_bytes": dataset, "final_bytes": _du([out]), "peak_disk_bytes": peaks["disk"],
-              "peak_rss_bytes": peaks["rss"], "log": stdout.strip().splitlines()}
+    result = {"seconds": seconds, "task_seconds": max(stamps) - min(stamps), "tokens": meta["num_tokens"],
+              "documents": meta["num_documents"], "dataset_bytes": dataset, "final_bytes": _du([out]),
+              "peak_disk_bytes": peaks["disk"], "peak_rss_bytes": peaks["rss"], "log": stdout.strip().splitlines()}
     shutil.rmtree(work, ignore_errors=True)
     return result
 

