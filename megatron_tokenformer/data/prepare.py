@@ -19,7 +19,6 @@ written; ``convert_v1`` turns such a directory into this one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import io
@@ -157,7 +156,7 @@ class _FilesSource:
     def plan(self, tasks: int) -> list[list]:
         return split_files(self.files, 1 if self.limit else tasks)
 
-    def reader(self, plan: list[list[str]]) -> PipelineStep:
+    def reader(self, plan: list[list] | str) -> PipelineStep:
         return FilesReader(plan, self.text_key, self.limit)
 
     def check(self, log: Log) -> None:
@@ -187,7 +186,7 @@ class _HubSource:
         # datatrove shards the stream by its files (or rows, for one file) over the tasks.
         return [[] for _ in range(1 if self.limit else tasks)]
 
-    def reader(self, plan: list[list[str]]) -> PipelineStep:
+    def reader(self, plan: list[list] | str) -> PipelineStep:
         return HubReader(self.name, self.split, self.text_key, self.limit)
 
     def prepare(self, out: Path, log: Log) -> None:
@@ -264,9 +263,8 @@ class _Job:
                                 f"{len(plan_files(plan))} files, then {len(plan_files(old))}); restore them, or "
                                 f"pass --force to start over")
         atomic_write_text(plan_file, json.dumps(plan) + "\n")
-        reader = src.reader(plan)
-        tok_file = self._tokenizer_file(reader)
-        return self._execute(reader, len(plan), tok_file, source)
+        tok_file = self._tokenizer_file(src.reader(plan), len(plan))
+        return self._execute(src.reader(str(plan_file.resolve())), len(plan), tok_file, source)
 
     def _check_existing(self, request: dict) -> dict | None:
         """The existing dataset when it is intact and matches the request; None: (re)build or resume."""
@@ -330,7 +328,7 @@ class _Job:
 
     # -- the tokenizer
 
-    def _tokenizer_file(self, reader: PipelineStep) -> Path:
+    def _tokenizer_file(self, reader: PipelineStep, tasks: int) -> Path:
         if self.tokenizer is not None:
             name = FILE_NAMES[kind_of(self.tokenizer)]
             if not ((self.out / name).is_file() and sha256_file(self.out / name) == sha256_file(self.tokenizer)):
@@ -340,7 +338,7 @@ class _Job:
         if model.is_file():  # written whole (tmp + rename) by an earlier run of this request
             self.log(f"reusing {model}, trained by an earlier run of this command")
             return model
-        texts = _training_sample(copy.deepcopy(reader))  # a copy: the pipeline's counters stay at zero
+        texts = _training_sample(reader, tasks)
         if not texts:
             raise DataError("empty corpus: no non-empty documents to train the tokenizer on")
         self.log(f"training a sentencepiece BPE tokenizer (vocab {self.vocab_size}) on {len(texts)} documents ...")
@@ -676,13 +674,12 @@ def _damage(out: Path, meta: dict) -> str | None:
 # ---------------------------------------------------------------- tokenizer training
 
 
-def _training_sample(reader: PipelineStep) -> list[str]:
+def _training_sample(reader: PipelineStep, tasks: int) -> list[str]:
     """The non-empty documents in corpus order, up to the training budget of characters (read in this
-    process with the pipeline's own reader, every task's part in order)."""
+    process with a reader like the pipeline's, every task's part in order)."""
     texts, chars = [], 0
-    plan = getattr(reader, "plan", [[]])
-    for rank in range(len(plan)):
-        for doc in reader.run(None, rank, len(plan)):
+    for rank in range(tasks):
+        for doc in reader.run(None, rank, tasks):
             texts.append(doc.text)
             chars += len(doc.text)
             if chars >= TOKENIZER_TRAIN_CHARS:

@@ -375,15 +375,23 @@ class FilesReader(BaseReader):
 
     name = "📄 megatron_tokenformer files"
 
-    def __init__(self, plan: list[list[str]], text_key: str = "text", limit: int | None = None):
+    def __init__(self, plan: list[list] | str, text_key: str = "text", limit: int | None = None):
         super().__init__(text_key=text_key)
+        # A plan file (plan.json) rather than the plan: each task reads its own entry, and the executor
+        # that datatrove pickles for every task stays small with millions of input files.
         self.plan = plan
         self.max_records = limit
+
+    def _entries(self, rank: int) -> list:
+        if isinstance(self.plan, str):
+            with open(self.plan) as f:
+                return orjson.loads(f.read())[rank]
+        return self.plan[rank]
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         records = _Records(self, self.text_key, self.max_records)
         records.rank = rank
-        for entry in self.plan[rank]:
+        for entry in self._entries(rank):
             path, part, parts = (entry, 0, 1) if isinstance(entry, str) else entry
             if records.full():
                 return
