@@ -3,6 +3,7 @@
 
     python tools/bench_data.py prepare                        # >= 30 MB of Shakespeare, the GPT-NeoX tokenizer
     python tools/bench_data.py prepare --copies 3 6 --json docs/perf/prepare.json
+    python tools/bench_data.py startup [--pile]             # the trainer's start-up: tools/bench_startup.py
 
 `prepare`: tools/prepare_data.py side by side, in one run, with the tokenizer's own `encode_batch` on the
 same cores and the same text (the built-in corpus, the works repeated `--copies` times). It reports
@@ -191,8 +192,16 @@ def bench_prepare(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["startup"]:  # the trainer's data start-up against corpus size: tools/bench_startup.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_startup
+
+        return bench_startup.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
+    sub.add_parser("startup", help="the trainer's data start-up time and memory against corpus size "
+                                   "(tools/bench_startup.py; its --help lists the options)")
     p = sub.add_parser("prepare", help="tools/prepare_data.py against the tokenizer's own encode_batch")
     p.add_argument("--copies", type=int, nargs="+", default=[6],
                    help="the built-in corpus (5.4 MB) repeated this many times; several values: one run each "

@@ -23,7 +23,7 @@ order of 1024 samples (the shuffle is computed per position, never built), and t
 step's read by this rank at a random step no start read before: its pages are not cached, and the
 kernel's read-ahead on each page fault of a mapped file (/sys/block/*/queue/read_ahead_kb) decides it.
 
-The lead folds this into tools/bench_data.py as its `startup` subcommand: ``main(argv)`` is the entry.
+`python tools/bench_data.py startup ...` runs this (``main(argv)``), beside its `prepare` benchmark.
 """
 from __future__ import annotations
 
