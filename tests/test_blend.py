@@ -10,7 +10,8 @@ import torch
 
 from helpers import SMALL, launch, metrics
 from megatron_tokenformer.config import ConfigError, config_from_dict, describe, load_config
-from megatron_tokenformer.data import DataError, load_data, prepare, valid_batches
+from megatron_tokenformer.data import DataError, load_data, valid_batches
+from megatron_tokenformer.data.prepare import prepare
 from megatron_tokenformer.data.blend import (BLOCK, BlendedBatches, BlendedSamples, BlendedValid, BlendOrder,
                                              greedy_sources)
 

@@ -174,7 +174,7 @@ def test_mismatched_config_names_the_fields(corpus, runs, tmp_path):
 
 
 def test_checkpoint_from_another_tokenizer_is_refused(corpus, runs, tmp_path):
-    from megatron_tokenformer.data import prepare
+    from megatron_tokenformer.data.prepare import prepare
 
     other = prepare(tmp_path / "other", [str(corpus / "raw")], vocab_size=500, num_proc=1, log=lambda *a: None)
     run = tmp_path / "run"
