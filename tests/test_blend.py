@@ -55,6 +55,8 @@ def test_locate_is_the_greedy_repeated_and_position_inverts_it():
 class FakeSet:
     """A split of `n` samples whose sample k is [tag, k]: batches show where each sample came from."""
 
+    stored = False  # read in shuffled order, as a SampleSet of data.order=shuffled
+
     def __init__(self, n: int, tag: int):
         self.n, self.tag = n, tag
 

@@ -39,7 +39,8 @@ def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
     assert f"W&B run:    {run / 'wandb'}" in proc.stdout
     # ... and nothing else's chatter: DeepSpeed's accelerator probe, W&B's own lines
     assert "Setting accelerator" not in proc.stdout + proc.stderr and "wandb:" not in proc.stdout + proc.stderr
-    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
+    # The mean over each logged window of 5 steps: one batch of 8 samples is too noisy (+-0.1) to compare.
+    assert rows[-1]["loss_avg"] < rows[0]["loss_avg"] - 1.0, rows
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert len(valid) == 2 and valid[1] < valid[0] < math.log(512) - 0.5
     assert rows[-1]["valid_ppl"] == pytest.approx(math.exp(valid[1]))
