@@ -82,7 +82,7 @@ def test_every_dtype_agrees_with_megatron_core(tmp_path, code):
     seqs = [rng.integers(0, top, rng.integers(1, 50)).astype(dtype) for _ in range(37)]
     megatron_core_write(tmp_path / "mc", seqs, dtype, per_document=3)
     ours = Prefix(tmp_path / "mc")
-    assert ours.dtype == dtype and ours.index.num_sequences == 37 and len(ours.index.doc_idx) == 14
+    assert ours.dtype == dtype and ours.index.num_sequences == 37 and ours.index.num_documents == 14
     assert all(np.array_equal(ours.sequence(i), s) for i, s in enumerate(seqs))
     assert np.array_equal(ours.tokens(0, ours.num_tokens), np.concatenate(seqs))
 

@@ -275,7 +275,8 @@ class TokenStream:
 
     def sequence_length(self, i: int) -> tuple[int, Prefix]:
         k = int(np.searchsorted(self._seq_starts, i, side="right")) - 1
-        return int(self.parts[k].index.lengths[i - int(self._seq_starts[k])]), self.parts[k]
+        j = i - int(self._seq_starts[k])
+        return int(self.parts[k].index.lengths(j, j + 1)[0]), self.parts[k]
 
     def _checked(self, k: int, ids: np.ndarray) -> np.ndarray:
         # Every read is checked (a max over a sample: nothing next to a step) so an id the embedding

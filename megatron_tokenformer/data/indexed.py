@@ -14,8 +14,8 @@ We read it with our own code, not megatron-core's ``IndexedDataset``, because:
 The format is six fields; ``tests/test_indexed.py`` checks this reader against megatron-core's reader on
 files written by megatron-core's ``IndexedDatasetBuilder`` and by datatrove.
 
-Nothing here reads the tokens at open time: the index arrays are memory-mapped, and the tokens are read
-with pread, only the bytes of the sequences asked for.
+Nothing here reads the tokens, or the index arrays, at open time: both are read with pread, only the
+entries and bytes of the sequences asked for.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import os
 import re
 import struct
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,31 +47,50 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.int32)
 
 
-@dataclass
 class Index:
-    """One ``.idx`` file, memory-mapped."""
+    """One ``.idx`` file. Its arrays are read with pread, a few entries at a time, never mapped: at the
+    Pile's size they are 1.76 GB, and pages of a map touched over a run (or around each fault, as large
+    folios) would all count in every rank's resident memory."""
 
-    path: Path
-    dtype: np.dtype
-    lengths: np.ndarray
-    """int32[S]: tokens in each sequence."""
-    pointers: np.ndarray
-    """int64[S]: byte offset of each sequence in the .bin."""
-    doc_idx: np.ndarray
-    """int64[D]: sequence boundaries of the documents, from 0 (to S, except in Pythia's Pile: [0])."""
+    def __init__(self, path: Path, dtype: np.dtype, num_sequences: int, num_documents: int):
+        self.path, self.dtype = path, dtype
+        self.num_sequences, self.num_documents = num_sequences, num_documents
+        self._fd = os.open(path, os.O_RDONLY)
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self.lengths)
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _read(self, offset: int, dtype: type, start: int, stop: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        data = os.pread(self._fd, (stop - start) * size, offset + start * size)
+        if len(data) != (stop - start) * size:
+            raise IndexedError(f"'{self.path}' ended early: it changed while the run reads it")
+        return np.frombuffer(data, dtype)
+
+    def lengths(self, start: int, stop: int) -> np.ndarray:
+        """int32: tokens in sequences [start, stop)."""
+        return self._read(HEADER_BYTES, np.int32, start, stop)
+
+    def pointers(self, start: int, stop: int) -> np.ndarray:
+        """int64: byte offsets in the .bin of sequences [start, stop)."""
+        return self._read(HEADER_BYTES + 4 * self.num_sequences, np.int64, start, stop)
+
+    def documents(self, start: int, stop: int) -> np.ndarray:
+        """int64: document boundaries [start, stop) (sequence numbers)."""
+        return self._read(HEADER_BYTES + 12 * self.num_sequences, np.int64, start, stop)
 
     @property
     def num_bytes(self) -> int:
         """Bytes of the .bin this index describes (where its last sequence ends)."""
-        return int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if len(self.lengths) else 0
+        if not self.num_sequences:
+            return 0
+        s = self.num_sequences
+        return int(self.pointers(s - 1, s)[0]) + int(self.lengths(s - 1, s)[0]) * self.dtype.itemsize
 
 
 def read_index(path: str | Path) -> Index:
-    """Parse and check an ``.idx`` header and size (O(1): the arrays are only mapped)."""
+    """Parse and check an ``.idx`` header and size (O(1): only the ends of its arrays are read)."""
     path = Path(path)
     if not path.is_file():
         raise IndexedError(f"index file '{path}' not found")
@@ -91,20 +109,18 @@ def read_index(path: str | Path) -> Index:
     if size != expected:
         raise IndexedError(f"'{path}' has {size} bytes where its header ({seqs} sequences, {docs} document "
                            f"boundaries) needs {expected}: the file is truncated or damaged")
-    lengths = np.memmap(path, np.int32, "r", HEADER_BYTES, (seqs,)) if seqs else np.zeros(0, np.int32)
-    pointers = (np.memmap(path, np.int64, "r", HEADER_BYTES + 4 * seqs, (seqs,)) if seqs
-                else np.zeros(0, np.int64))
-    doc_idx = np.memmap(path, np.int64, "r", HEADER_BYTES + 12 * seqs, (docs,)) if docs else np.zeros(0, np.int64)
-    index = Index(path, np.dtype(DTYPES[code]), lengths, pointers, doc_idx)
+    index = Index(path, np.dtype(DTYPES[code]), seqs, docs)
     # The ends of the arrays, not all of them: enough to catch a header written for other arrays.
-    if seqs and (int(pointers[0]) != 0 or int(lengths[-1]) < 0 or int(pointers[-1]) < 0):
-        raise IndexedError(f"'{path}' is inconsistent (first offset {int(pointers[0])}, last length "
-                           f"{int(lengths[-1])}): the file is damaged")
+    if seqs and (int(index.pointers(0, 1)[0]) != 0 or int(index.lengths(seqs - 1, seqs)[0]) < 0
+                 or int(index.pointers(seqs - 1, seqs)[0]) < 0):
+        raise IndexedError(f"'{path}' is inconsistent (first offset {int(index.pointers(0, 1)[0])}, last length "
+                           f"{int(index.lengths(seqs - 1, seqs)[0])}): the file is damaged")
     # Document indices are sequence boundaries from 0; most writers end them at S, but Pythia's Pile has
     # just [0] (its 146M rows are one "document"), so only the range is checked. We never read them.
-    if docs and (int(doc_idx[0]) != 0 or not 0 <= int(doc_idx[-1]) <= seqs):
-        raise IndexedError(f"'{path}' is inconsistent: its document indices run from {int(doc_idx[0])} to "
-                           f"{int(doc_idx[-1])}, outside 0 to its {seqs} sequences")
+    first, last = (int(index.documents(0, 1)[0]), int(index.documents(docs - 1, docs)[0])) if docs else (0, 0)
+    if docs and (first != 0 or not 0 <= last <= seqs):
+        raise IndexedError(f"'{path}' is inconsistent: its document indices run from {first} to {last}, outside 0 "
+                           f"to its {seqs} sequences")
     return index
 
 
@@ -185,7 +201,7 @@ class Prefix:
         return self.read_bytes(start * size, end * size).view(self.dtype)
 
     def sequence(self, i: int) -> np.ndarray:
-        ptr, n = int(self.index.pointers[i]), int(self.index.lengths[i])
+        ptr, n = int(self.index.pointers(i, i + 1)[0]), int(self.index.lengths(i, i + 1)[0])
         return self.read_bytes(ptr, ptr + n * self.dtype.itemsize).view(self.dtype)
 
 
