@@ -22,16 +22,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from ..errors import UserError
 from ..fileio import sha256_file
 from ..tokenizer import Tokenizer, TokenizerError
 from ..tokenizer import load_tokenizer as read_tokenizer
 from .indexed import IndexedError, Prefix, find_prefixes
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
@@ -356,6 +358,8 @@ class SampleSet:
 
     def batch(self, indices: np.ndarray | list[int]) -> torch.Tensor:
         """Stack the given samples into a LongTensor of shape (len(indices), seq_length + 1)."""
+        import torch  # here, not above: tools/prepare_data.py imports this module and needs no torch
+
         return torch.from_numpy(np.stack([self[int(i)] for i in indices]))
 
 
