@@ -336,7 +336,7 @@ def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
 def test_verify_shares_cover_every_file_once_and_balance_the_bytes(parts):
     """Pythia-like sizes (21 pieces of 30 GB but the last, one large index) and a datatrove-like directory."""
-    from megatron_tokenformer.data.inspect import shares
+    from megatron_tokenformer.data.dataset import shares
 
     files = {f"document-{k:05d}-of-00020.bin": {"bytes": 30_000_000_000} for k in range(20)}
     files |= {"document-00020-of-00020.bin": {"bytes": 78_336_000}, "document.idx": {"bytes": 1_757_184_042}}

@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{label} ===")
                 print(I.render(batch.tokenizer, ids))
             return 0
-        from megatron_tokenformer.data.dataset import load_meta, load_tokenizer
+        from megatron_tokenformer.data.dataset import load_meta, load_tokenizer, verify_files
 
         meta = load_meta(a.args[0], tokenizer=a.tokenizer)
         if a.verify:
             part, parts = I.parse_part(a.part)
             n = 0
-            for f, digest in I.verify(meta, part, parts):
+            for f, digest in verify_files(meta, part, parts):
                 print(f"ok {f} sha256 {digest}", flush=True)
                 n += 1
             if not meta.files:

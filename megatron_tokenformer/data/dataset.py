@@ -124,7 +124,7 @@ def load_meta(path: str | Path, verify: bool = False, recipe: str | None = None,
         else:
             meta = _foreign(root, prefixes, tokenizer, key)
         if verify:
-            verify_files(meta)
+            list(verify_files(meta))
         return meta
     except IndexedError as e:
         raise DataError(f"{e}; {_fix(root, command)}") from None
@@ -221,16 +221,30 @@ def check_ids(ids: np.ndarray, vocab_size: int, part: Prefix, tokenizer) -> None
                         f"or the file is damaged")
 
 
-def verify_files(meta: DatasetMeta, part: int = 0, parts: int = 1) -> int:
-    """Checksum the recorded files (every ``parts``-th from ``part``: the work can be split); returns
-    how many were checked. A foreign dataset records no checksums: nothing to compare."""
-    names = sorted(meta.files)[part::parts]
-    for name in names:
+def shares(files: dict, parts: int) -> list[list[str]]:
+    """The recorded files cut into ``parts`` shares of about equal bytes (largest first, each to the
+    lightest share so far; ties by name), so N machines each read about 1/N of the corpus. Cutting the
+    sorted names every N-th would give one share all the .bin files and another all the .idx files."""
+    out, load = [[] for _ in range(parts)], [0] * parts
+    for name in sorted(files, key=lambda n: (-int(files[n]["bytes"]), n)):
+        k = min(range(parts), key=lambda j: (load[j], j))
+        out[k].append(name)
+        load[k] += int(files[name]["bytes"])
+    return [sorted(x) for x in out]
+
+
+def verify_files(meta: DatasetMeta, part: int = 0, parts: int = 1) -> Iterator[tuple[Path, str]]:
+    """Checksum the recorded files of share ``part`` of ``parts`` (``shares``: the work can be split),
+    yielding (file, sha256) for each that matches metadata.json; a mismatch is a DataError naming the
+    file. A foreign dataset records no checksums: nothing to compare."""
+    for name in shares(meta.files, parts)[part]:
         f = Path(meta.path) / name
-        if sha256_file(f) != meta.files[name]["sha256"]:
-            raise DataError(f"checksum mismatch for '{f}' (sha256 differs from metadata.json): the file was modified "
-                            f"or corrupted; prepare the dataset again (prepare_data.py --force)")
-    return len(names)
+        digest = sha256_file(f)
+        if digest != meta.files[name]["sha256"]:
+            raise DataError(f"checksum mismatch for '{f}' (sha256 {digest[:12]}, metadata.json says "
+                            f"{meta.files[name]['sha256'][:12]}): the file was modified or corrupted; prepare the "
+                            f"dataset again (prepare_data.py --force) or copy the file again")
+        yield f, digest
 
 
 def load_tokenizer(meta: DatasetMeta) -> Tokenizer:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import sha256_file
 from ..tokenizer import Tokenizer
 from .blend import BlendedSamples, load_data, train_batches
 from .dataset import METADATA_FILE, DataError, DatasetMeta, TokenStream, load_tokenizer
@@ -136,28 +135,3 @@ def parse_part(text: str | None) -> tuple[int, int]:
     if not 1 <= k <= n:
         raise DataError(f"--part {text}: K must be within 1 ... N")
     return k - 1, n
-
-
-def shares(files: dict, parts: int) -> list[list[str]]:
-    """The recorded files cut into ``parts`` shares of about equal bytes (largest first, each to the
-    lightest share so far; ties by name), so N machines each read about 1/N of the corpus. Cutting the
-    sorted names every N-th would give one share all the .bin files and another all the .idx files."""
-    out, load = [[] for _ in range(parts)], [0] * parts
-    for name in sorted(files, key=lambda n: (-int(files[n]["bytes"]), n)):
-        k = min(range(parts), key=lambda j: (load[j], j))
-        out[k].append(name)
-        load[k] += int(files[name]["bytes"])
-    return [sorted(x) for x in out]
-
-
-def verify(meta: DatasetMeta, part: int = 0, parts: int = 1):
-    """Yield (file, sha256) for each file of share ``part`` of ``parts`` (``shares``), after checking it
-    against metadata.json; a mismatch is a DataError naming the file."""
-    for name in shares(meta.files, parts)[part]:
-        f = Path(meta.path) / name
-        digest = sha256_file(f)
-        if digest != meta.files[name]["sha256"]:
-            raise DataError(f"checksum mismatch for '{f}' (sha256 {digest[:12]}, metadata.json says "
-                            f"{meta.files[name]['sha256'][:12]}): the file was modified or corrupted; prepare the "
-                            f"dataset again (prepare_data.py --force) or copy the file again")
-        yield f, digest
