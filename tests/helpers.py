@@ -1,4 +1,6 @@
-"""Launch real training processes (plain python, torchrun, the deepspeed launcher) for tests."""
+"""Launch real training processes (plain python, torchrun, the deepspeed launcher) for tests; real text."""
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -45,3 +47,20 @@ def metrics(run_dir) -> list[dict]:
 
 def losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+DOC_MODULES = ["argparse", "textwrap", "json", "collections", "functools", "itertools", "logging", "dataclasses",
+               "inspect", "shutil", "random", "statistics", "subprocess", "pathlib"]
+
+
+def stdlib_documents(modules: list[str] = DOC_MODULES) -> list[str]:
+    """Real English documents that need no network: the docstrings of standard-library modules, one per
+    public function or class."""
+    out = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr, obj in sorted(vars(module).items()):
+            doc = inspect.getdoc(obj) if getattr(obj, "__module__", None) == name else None
+            if doc and not attr.startswith("_") and len(doc) > 40:
+                out.append(f"{attr}\n\n{doc}\n")
+    return out

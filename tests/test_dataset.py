@@ -6,8 +6,6 @@ on PyPI once, see megatron_tokenformer/assets.py).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import shutil
 import subprocess
@@ -20,13 +18,10 @@ import torch
 
 from megatron_tokenformer.data import DataError, SampleSet, TokenStream, TrainBatches, load_meta, valid_batches
 from megatron_tokenformer.data.dataset import Permutation, sample_order
-from megatron_tokenformer.data.indexed import DTYPES, IndexWriter, Prefix, write_index
-from helpers import ROOT, SMALL, env, launch, losses
+from megatron_tokenformer.data.indexed import DTYPES, IndexWriter, Prefix
+from helpers import ROOT, SMALL, env, launch, losses, stdlib_documents
 
 SEQ = 32
-MODULES = ["argparse", "textwrap", "json", "collections", "functools", "itertools", "logging", "dataclasses",
-           "inspect", "shutil", "random", "statistics", "subprocess", "pathlib"]
-
 
 @pytest.fixture(scope="module")
 def neox():
@@ -38,15 +33,7 @@ def neox():
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    """Real English documents: the docstrings of a few standard-library modules, one per function or class."""
-    out = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for attr, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if getattr(obj, "__module__", None) == name else None
-            if doc and not attr.startswith("_") and len(doc) > 40:
-                out.append(f"{attr}\n\n{doc}\n")
-    return out
+    return stdlib_documents()
 
 
 @pytest.fixture(scope="module")

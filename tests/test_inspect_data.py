@@ -10,7 +10,6 @@ trained on it (exact round trip, nothing downloaded).
 from __future__ import annotations
 
 import importlib.util
-import inspect as pyinspect
 import json
 import re
 import shlex
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, env, launch, metrics
+from helpers import ROOT, env, launch, metrics, stdlib_documents
 from megatron_tokenformer.config import load_config
 from megatron_tokenformer.data.indexed import IndexWriter, token_dtype
 from megatron_tokenformer.fileio import sha256_file
@@ -71,15 +70,7 @@ def inspect_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    """Real English documents: the docstrings of standard-library modules, one per function or class."""
-    out = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for attr, obj in sorted(vars(module).items()):
-            doc = pyinspect.getdoc(obj) if getattr(obj, "__module__", None) == name else None
-            if doc and not attr.startswith("_") and len(doc) > 40:
-                out.append(f"{attr}\n\n{doc}\n")
-    return out
+    return stdlib_documents(MODULES)
 
 
 @pytest.fixture(scope="module")
