@@ -483,8 +483,7 @@ class TrainBatches:
 
     def sample_indices(self, positions: range):
         """Map positions in the infinite global order to sample indices."""
-        stored = getattr(self.samples, "stored", False)
-        return sample_order(np.arange(positions.start, positions.stop), len(self.samples), stored,
+        return sample_order(np.arange(positions.start, positions.stop), len(self.samples), self.samples.stored,
                             [self.seed]).tolist()
 
     def read(self, first: int) -> list[torch.Tensor]:
