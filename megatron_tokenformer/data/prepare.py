@@ -289,8 +289,9 @@ class _Job:
                 raise DataError(f"'{out}' already holds a dataset from {shown} with vocab size "
                                 f"{meta['vocab_size']}, which differs from this request; pass --force to "
                                 f"rebuild it or choose another --output")
-            damage = _damage(out, meta)
-            if damage:
+            try:
+                load_meta(out)  # the trainer's own start-up checks: sizes, headers, the tokenizer
+            except DataError as damage:
                 self.log(f"{out}: existing dataset is damaged, rebuilding ({damage})")
                 return self._clear()
             self.log(f"{out}: already prepared ({meta['num_documents']} documents, {meta['num_tokens']} tokens, "
@@ -394,9 +395,9 @@ class _Job:
             from datatrove.executor.ray import RayPipelineExecutor
             ex = RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logs))
         else:
-            # fork, not datatrove's default forkserver: a forkserver process would import this package
-            # (and torch, through megatron_tokenformer/__init__) again, seconds of start-up; the workers
-            # only tokenize and write, nothing here holds threads or locks that a fork would break.
+            # fork, not datatrove's default forkserver: a forkserver process would import this module and
+            # datatrove again; the workers only tokenize and write, nothing here holds threads or locks
+            # that a fork would break.
             start = "fork" if sys.platform == "linux" else "forkserver"
             ex = _QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
                                      start_method=start)
@@ -656,19 +657,6 @@ def _stats(state: Path, tasks: int) -> dict:
                 if key:
                     total[key] += value["total"] if isinstance(value, dict) else int(value)
     return total
-
-
-def _damage(out: Path, meta: dict) -> str | None:
-    """What is missing or the wrong size (cheap: sizes, not checksums)."""
-    for name, info in meta.get("files", {}).items():
-        f = out / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != info["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, not {info['bytes']}"
-    if not (out / meta["tokenizer_file"]).is_file():
-        return f"{meta['tokenizer_file']} is missing"
-    return None
 
 
 # ---------------------------------------------------------------- tokenizer training
