@@ -275,11 +275,12 @@ class Trainer:
                                                    self.dev, self.monitor.message))
 
     def evaluate(self) -> float:
-        """Mean loss over eval.steps validation micro-batches per data-parallel rank."""
+        """Mean token loss over the first eval.steps x train.global_batch_size validation samples: the
+        same samples and weighting at every layout (valid_batches)."""
         self.engine.eval()
-        g = self.grid
-        micros = [m.to(self.dev) for m in valid_batches(self.valid_set, self.cfg.train.micro_batch_size,
-                                                         g.dp_rank, g.data, self.cfg.eval.steps)]
+        g, t = self.grid, self.cfg.train
+        micros = [m.to(self.dev) for m in valid_batches(self.valid_set, t.micro_batch_size, g.dp_rank, g.data,
+                                                         self.cfg.eval.steps, global_batch_size=t.global_batch_size)]
         (loss,) = D.all_reduce_mean([self.steps.eval(self.engine, micros)], self.dev, self.ps.dp_group)
         self.engine.train()
         return loss

@@ -217,7 +217,9 @@ class EvalConfig:
     interval: int = 50
     """Validation every this many steps (and at the end); 0 disables."""
     steps: int = 4
-    """Validation micro-batches per data-parallel rank."""
+    """Validation batches of train.global_batch_size samples each (Megatron's eval_iters): every
+    evaluation takes the validation set's first eval.steps x train.global_batch_size samples, in
+    order (all of its whole batches if it has fewer), at any layout, and logs their mean token loss."""
     tasks: list[str] = field(default_factory=list)
     """Zero-shot tasks to run on the live model, e.g. [piqa, hellaswag] (any of lambada_openai,
     hellaswag, piqa, arc_easy, arc_challenge, winogrande; docs/EVAL.md). Their files must be prepared

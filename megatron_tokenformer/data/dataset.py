@@ -523,21 +523,26 @@ class TrainBatches:
 
 
 def valid_batches(samples: SampleSet, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  max_batches: int | None = None) -> Iterator[torch.Tensor]:
-    """In-order pass over the validation samples; rank r takes micro-batch k*dp_size + r.
+                  max_batches: int | None = None, global_batch_size: int | None = None) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches of one validation pass: the first ``max_batches`` (None: all) global
+    batches of the validation samples in order, global batch k being samples [k*G, (k+1)*G) with
+    G = ``global_batch_size`` (None: one micro-batch per rank). Rank r reads the r-th of the dp_size
+    equal slices of each global batch, as ``micro_batch_size`` rows at a time.
 
-    Every rank yields the same number of batches so collectives (loss all-reduce) stay
-    in step: the incomplete tail is dropped, and when there are fewer samples than one
-    micro-batch per rank they are reused (wrap-around) so each rank gets one batch.
+    The samples read do not depend on the layout (only on G and max_batches), every rank reads as
+    many, and every micro-batch has micro_batch_size rows of as many tokens: the mean of the
+    micro-batches' mean losses, averaged over the ranks, is the mean over the same tokens at any
+    layout. A set shorter than one global batch is read around (samples repeat) to fill one.
     """
-    if not 0 <= dp_rank < dp_size or micro_batch_size < 1:
-        raise ValueError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} / dp_size={dp_size}")
+    g = micro_batch_size * dp_size if global_batch_size is None else global_batch_size
+    if not 0 <= dp_rank < dp_size or micro_batch_size < 1 or g % (micro_batch_size * dp_size):
+        raise ValueError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} / dp_size={dp_size} / "
+                         f"global_batch_size={g}")
     n = len(samples)
-    per_round = micro_batch_size * dp_size
-    num = max(1, n // per_round)
+    num = max(1, n // g)
     if max_batches is not None:
         num = min(num, max_batches)
+    share = g // dp_size
     for k in range(num):
-        first = (k * dp_size + dp_rank) * micro_batch_size
-        yield samples.batch([(first + j) % n for j in range(micro_batch_size)])
-
+        for first in range(k * g + dp_rank * share, k * g + (dp_rank + 1) * share, micro_batch_size):
+            yield samples.batch([(first + j) % n for j in range(micro_batch_size)])
