@@ -109,6 +109,52 @@ class Monitor:
             self.wandb_run = None
 
 
+def last_logged(run_dir: Path) -> list[dict]:
+    """The rows of `<run_dir>/metrics.jsonl` ([] if there is none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def report_finished(cfg: Config, checkpoint: Path, meta: dict) -> dict:
+    """A run launched again after its last step (its checkpoint at train.steps or beyond): print what it
+    ended with (the last losses metrics.jsonl logged) and which of the asked work will not be done here,
+    with how to do it. Starts no W&B run and writes nothing. Returns the last logged row."""
+    from .config import TOKEN_KEYS  # here: growth stages are compared by their token counts
+
+    step, rows = meta["step"], last_logged(cfg.run_dir)
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    valid = next((r for r in reversed(rows) if "valid_loss" in r), {})
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"nothing to train: the checkpoint {checkpoint} is at step {step} and train.steps={cfg.train.steps} "
+             f"(the run is finished). Its last logged losses:",
+             f"  training loss {fmt(last.get('loss'), '.4f')}, validation loss {fmt(valid.get('valid_loss'), '.4f')}, "
+             f"perplexity {fmt(valid.get('valid_ppl'), '.2f')}",
+             f"  checkpoint: {checkpoint}", f"  metrics:    {cfg.run_dir / 'metrics.jsonl'}"]
+    new_run = "log.run_name=NAME log.dir=runs/NAME"
+    # eval.tasks run during training (at the end of it): those without scores at the last step are new work.
+    at_end = {k.split("/")[1] for r in rows if r.get("step") == step for k in r if k.startswith("eval/")}
+    missing = [t for t in cfg.eval.tasks if t not in at_end]
+    if missing:
+        limit = f" --limit {cfg.eval.tasks_limit}" if cfg.eval.tasks_limit else ""
+        lines.append(f"not done: eval.tasks=[{', '.join(missing)}] (the tasks run during training, and this run "
+                     f"has no steps left); score the checkpoint with `python tools/evaluate.py --load "
+                     f"{checkpoint.parent} --tasks {','.join(missing)}{limit}`, or raise train.steps")
+    model = meta["config"]["model"]
+    stages = cfg.model_stages()
+    reached = next((i for i, m in enumerate(stages) if all(getattr(m, k) == model[k] for k in TOKEN_KEYS)), 0)
+    for i in range(reached, len(cfg.growth)):
+        g = cfg.growth[i]
+        lines.append(f"not done: growth[{i}] (at step {g.at_step}): this run ended at step {step} without it; grow "
+                     f"its checkpoint with `python tools/expand_params.py --load {checkpoint.parent} --save "
+                     f"runs/NAME/init ...` and train that (README, Growing a model), or run this schedule as a new "
+                     f"run: {new_run}")
+    lines.append(f"to train on: raise train.steps above {step}; for a new run: {new_run}")
+    print("\n".join(lines), flush=True)
+    return {"step": step, **last} if last else {}
+
+
 def _start_wandb(cfg: Config, run_info: dict):
     import wandb
 

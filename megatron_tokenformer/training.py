@@ -28,7 +28,7 @@ from .evaluation.live import TaskEvaluator
 from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
-from .monitor import Monitor
+from .monitor import Monitor, report_finished
 from .preemption import StopRequests
 from .seeding import seed_dropout
 
@@ -40,6 +40,8 @@ class TrainingError(UserError, RuntimeError):
 def pretrain(cfg: Config) -> dict:
     """Train as the config says; returns the last logged metrics (on every rank)."""
     t = Trainer(cfg)
+    if t.finished is not None:  # launched again after its last step: reported, nothing built
+        return t.finished
     while t.step < cfg.train.steps:
         if t.growth.due(t.step):
             t.grow()
@@ -75,6 +77,15 @@ class Trainer:
         # The checkpoint to resume (rank 0 verifies the manifests), checked before anything is built.
         resume = D.broadcast_object(save_load.find_resume(cfg) if rank == 0 else None)
         meta = D.broadcast_object(read_meta(*resume) if rank == 0 and resume else None)
+        # A finished run (its checkpoint at train.steps or beyond) says so and what it ended with, and
+        # builds nothing: no engine, no W&B run, no files rewritten. `finished`: its last logged row.
+        self.finished = None
+        if resume and meta["step"] >= cfg.train.steps:
+            self.finished = D.broadcast_object(report_finished(cfg, resume[0] / resume[1], meta) if rank == 0
+                                               else None)
+            self.stops.restore()
+            D.shutdown()
+            return
         self.growth = GrowthController(cfg, meta)  # the model size (growth stage) and LR segment
         self.tasks = TaskEvaluator(cfg, self.data.tokenizer_path)  # checks eval.tasks' files before any work
         if resume:
@@ -150,9 +161,6 @@ class Trainer:
                 "DeepSpeed ignores it (misspelt?)")
         if partition_text:
             say(partition_text)
-        if self.step >= cfg.train.steps:
-            say(f"the checkpoint is at step {self.step} and train.steps={cfg.train.steps}: nothing to train; "
-                "raise train.steps to continue, or set log.dir (or log.run_name) for a new run")
 
     # ---- the parts of a step ----------------------------------------------------------------
     def grow(self) -> None:
