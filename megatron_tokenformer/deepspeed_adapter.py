@@ -20,6 +20,9 @@ this module reaches for:
   compute-balanced partition says;
 - how `DeepSpeedConfig` reads its dict (`get`, `[]`, `in`, `keys()` on a shallow copy), to list
   the top-level keys it knows (`known_config_keys`).
+- `deepspeed.ops.__compatible_ops__`, which DeepSpeed's torch backend reads before it builds its
+  shared-memory all-reduce op (`quiet_start`: the op is for inference only; noise only, nothing
+  breaks if it moves).
 `check_internals()` fails loudly, naming what moved, if a DeepSpeed release changes any of them;
 tests/test_deepspeed_adapter.py runs it against real engines.
 """
@@ -284,6 +287,30 @@ def pipeline_module_class(parts: list[int]):
             self._set_bounds(start=parts[stage], stop=parts[stage + 1])
 
     return FixedPartitionPipelineModule
+
+
+def quiet_start() -> None:
+    """Before DeepSpeed's communication backend starts: two lines every rank printed on every launch
+    that say nothing about the run.
+
+    - On the CPU accelerator the backend builds its shared-memory all-reduce op (compiled on the first
+      launch, 30-60 s) and prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+      successfully", cached or not. Only its inference all-reduce (AutoTP inference) uses the op, never
+      training: marked incompatible, it is not built.
+    - ZeRO gathers with `torch.distributed.all_gather_into_tensor`, which torch 2.13 deprecates with a
+      FutureWarning on the first call, into the progress bar. The call is DeepSpeed's (ours use
+      `all_gather_single`, mappings.py), so that warning alone is filtered.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # (probes the others, as DeepSpeed would)
 
 
 def check_internals(engine=None) -> None:

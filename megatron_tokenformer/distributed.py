@@ -124,6 +124,9 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    from .deepspeed_adapter import quiet_start
+
+    quiet_start()  # before DeepSpeed's backend starts (here, or in deepspeed.initialize)
     if not dist.is_initialized():
         import deepspeed
 
