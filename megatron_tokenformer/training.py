@@ -140,7 +140,7 @@ class Trainer:
     def _announce(self, world: int, train_samples: int, resume, partition_text: str | None) -> None:
         g, cfg, say = self.grid, self.cfg, self.monitor.message
         say(f"TokenFormer: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab}, {world} rank(s) (tensor "
-            f"{g.tensor} x pipeline {g.pipeline} x data {g.data}), {cfg.grad_accum_steps(world)} micro-batches/step, "
+            f"{g.tensor} x pipeline {g.pipeline} x data {g.data}), {_count(cfg.grad_accum_steps(world), 'micro-batch', 'es')}/step, "
             f"{train_samples} train samples; "
             + (f"resumed from {resume[0] / resume[1]} at step {self.step}" if resume else "fresh start"))
         chosen = self.run_info["resolved"]
@@ -454,6 +454,11 @@ def _run_info(cfg: Config, resume_meta: dict | None) -> dict:
     prev = json.loads(info_path.read_text()) if info_path.exists() else {}
     return {"git": git_revision(), "wandb_id": prev.get("wandb_id") or uuid.uuid4().hex[:12],
             "resumed_from_step": resume_meta["step"] if resume_meta else None}
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    """'1 micro-batch', '2 micro-batches'."""
+    return f"{n} {noun}{'' if n == 1 else plural}"
 
 
 def _size(run: Config, vocab: int) -> tuple[int, int]:
