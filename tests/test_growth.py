@@ -191,7 +191,7 @@ def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus,
     # with the overrides the tool prints (its log.dir gives way to this test's, listed later)
     printed = out.stdout.splitlines()[out.stdout.splitlines().index(next(
         ln for ln in out.stdout.splitlines() if ln.startswith("train it with"))) + 1].split()
-    assert f"checkpoint.load={dst}" in printed and "model.qkv_tokens=64" in printed and "log.run_name=tiny-grown" in printed
+    assert f"checkpoint.load={dst}" in printed and "model.qkv_tokens=64" in printed and "log.run_name=tiny-grown-2" in printed
     launch(RUN + printed + [f"data.path={corpus}", f"log.dir={run}", "train.steps=3"], launcher="python")
     after, after_m, _ = global_state(run / "checkpoints", moments=True)
     assert after[name][32:64].abs().sum(-1).gt(0).all() and after_m["exp_avg"][name][32:64].abs().sum(-1).gt(0).all()

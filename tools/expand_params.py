@@ -59,11 +59,13 @@ def main() -> int:
     before, after = entry["tokens_before"], entry["tokens_after"]
     print(f"wrote {dst}: step {entry['step']}, " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in TOKEN_KEYS)
           + f", {entry['params_before']:,} -> {entry['params_after']:,} parameters")
-    name = entry["parent_name"] or "run"
+    # A name of its own: the parent's and the step it grew at, so that neither the parent nor a run
+    # grown in launch (README: another name) is resumed by mistake.
+    name = f"{entry['parent_name'] or 'run'}-grown-{entry['step']}"
     overrides = " ".join(f"model.{k}={after[k]}" for k in TOKEN_KEYS)
     print("train it with the parent's config and these overrides (a new run directory, so the parent's "
           "is not resumed):\n"
-          f"  {overrides} checkpoint.load={dst.parent} log.run_name={name}-grown log.dir=runs/{name}-grown")
+          f"  {overrides} checkpoint.load={dst.parent} log.run_name={name} log.dir=runs/{name}")
     return 0
 
 
