@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import Config
+from .config import TOKEN_KEYS, Config
 from .errors import UserError
 
 
@@ -121,16 +121,15 @@ def report_finished(cfg: Config, checkpoint: Path, meta: dict) -> dict:
     """A run launched again after its last step (its checkpoint at train.steps or beyond): print what it
     ended with (the last losses metrics.jsonl logged) and which of the asked work will not be done here,
     with how to do it. Starts no W&B run and writes nothing. Returns the last logged row."""
-    from .config import TOKEN_KEYS  # here: growth stages are compared by their token counts
-
     step, rows = meta["step"], last_logged(cfg.run_dir)
     last = next((r for r in reversed(rows) if "loss" in r), {})
     valid = next((r for r in reversed(rows) if "valid_loss" in r), {})
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    losses = (f"  last logged: training loss {fmt(last.get('loss'), '.4f')}, validation loss "
+              f"{fmt(valid.get('valid_loss'), '.4f')}, perplexity {fmt(valid.get('valid_ppl'), '.2f')}" if rows
+              else "  no losses logged in this run directory (a checkpoint.load from elsewhere?)")
     lines = [f"nothing to train: the checkpoint {checkpoint} is at step {step} and train.steps={cfg.train.steps} "
-             f"(the run is finished). Its last logged losses:",
-             f"  training loss {fmt(last.get('loss'), '.4f')}, validation loss {fmt(valid.get('valid_loss'), '.4f')}, "
-             f"perplexity {fmt(valid.get('valid_ppl'), '.2f')}",
+             f"(the run is finished)", losses,
              f"  checkpoint: {checkpoint}", f"  metrics:    {cfg.run_dir / 'metrics.jsonl'}"]
     new_run = "log.run_name=NAME log.dir=runs/NAME"
     # eval.tasks run during training (at the end of it): those without scores at the last step are new work.
@@ -143,6 +142,7 @@ def report_finished(cfg: Config, checkpoint: Path, meta: dict) -> dict:
                      f"{checkpoint.parent} --tasks {','.join(missing)}{limit}`, or raise train.steps")
     model = meta["config"]["model"]
     stages = cfg.model_stages()
+    # growth stages are told apart by their token counts (as growth.controller.stage_of)
     reached = next((i for i, m in enumerate(stages) if all(getattr(m, k) == model[k] for k in TOKEN_KEYS)), 0)
     for i in range(reached, len(cfg.growth)):
         g = cfg.growth[i]
@@ -152,7 +152,7 @@ def report_finished(cfg: Config, checkpoint: Path, meta: dict) -> dict:
                      f"run: {new_run}")
     lines.append(f"to train on: raise train.steps above {step}; for a new run: {new_run}")
     print("\n".join(lines), flush=True)
-    return {"step": step, **last} if last else {}
+    return last
 
 
 def _start_wandb(cfg: Config, run_info: dict):

@@ -1,10 +1,15 @@
 """Validation is a property of the data, not of the layout; a finished run launched again says so."""
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from helpers import SMALL, launch, metrics
+from megatron_tokenformer.config import load_config
 from megatron_tokenformer.data import SampleSet, load_meta, valid_batches
 from megatron_tokenformer.data.blend import BlendedSamples, BlendedValid
+from megatron_tokenformer.monitor import report_finished
 
 SEQ = 64
 # DeepSpeed's lines that say nothing about the run (deepspeed_adapter.quiet_start)
@@ -99,3 +104,21 @@ def test_a_finished_run_says_what_it_ended_with_and_what_it_will_not_do(corpus, 
     assert not (run / "wandb").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert (ckpt / "latest").read_text() == "step_00000002"
+
+
+def test_a_finished_report_names_only_the_work_not_done(tmp_path, capsys):
+    cfg = load_config("configs/tiny.yml", [f"log.dir={tmp_path}", "train.steps=4", "eval.tasks=[piqa,hellaswag]",
+                                           "eval.tasks_limit=50"])
+    meta = {"step": 4, "config": {"model": dataclasses.asdict(cfg.model)}}
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    assert report_finished(cfg, ckpt, meta) == {}
+    assert "  no losses logged in this run directory" in capsys.readouterr().out
+    rows = [{"step": 3, "loss": 5.0, "valid_loss": 5.5, "valid_ppl": 244.7},
+            {"step": 4, "loss": 4.0, "eval/piqa/acc": 0.5}]  # piqa was scored at the end, hellaswag not
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report_finished(cfg, ckpt, meta) == rows[1]
+    out = capsys.readouterr().out
+    assert "  last logged: training loss 4.0000, validation loss 5.5000, perplexity 244.70" in out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("not done")]
+    assert line.startswith("not done: eval.tasks=[hellaswag] ") and line.endswith(
+        f"`python tools/evaluate.py --load {ckpt.parent} --tasks hellaswag --limit 50`, or raise train.steps")
