@@ -81,7 +81,8 @@ class Monitor:
     def _summary(self, s: dict) -> None:
         """The end-of-run lines: where the run got to, how fast, where its outputs are."""
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-        lines = [f"done: step {s['step']} ({s['steps_run']} step{'' if s['steps_run'] == 1 else 's'} in {s['seconds'] / 60:.1f} min, "
+        steps = f"{s['steps_run']} step{'' if s['steps_run'] == 1 else 's'}"
+        lines = [f"done: step {s['step']} ({steps} in {s['seconds'] / 60:.1f} min, "
                  f"{fmt(s['tokens_per_sec'], ',.0f')} tokens/s overall)",
                  f"  training loss {fmt(s['loss'], '.4f')}, validation loss {fmt(s['valid_loss'], '.4f')}, "
                  f"perplexity {fmt(s['valid_ppl'], '.2f')}",

@@ -139,8 +139,9 @@ class Trainer:
 
     def _announce(self, world: int, train_samples: int, resume, partition_text: str | None) -> None:
         g, cfg, say = self.grid, self.cfg, self.monitor.message
+        micros = _count(cfg.grad_accum_steps(world), "micro-batch", "es")
         say(f"TokenFormer: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab}, {world} rank(s) (tensor "
-            f"{g.tensor} x pipeline {g.pipeline} x data {g.data}), {_count(cfg.grad_accum_steps(world), 'micro-batch', 'es')}/step, "
+            f"{g.tensor} x pipeline {g.pipeline} x data {g.data}), {micros}/step, "
             f"{train_samples} train samples; "
             + (f"resumed from {resume[0] / resume[1]} at step {self.step}" if resume else "fresh start"))
         chosen = self.run_info["resolved"]

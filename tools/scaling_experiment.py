@@ -128,7 +128,8 @@ def main() -> int:
     ap.add_argument("--short-warmup", type=int, default=5, help="warmup_steps after growth of rewarm-short")
     ap.add_argument("--targets", default="0.5,0.75,1", help="target losses: the scratch runs' at these FLOPs fractions")
     ap.add_argument("--eval-interval", type=int, default=2)
-    ap.add_argument("--eval-steps", type=int, default=3, help="validation batches (of train.global_batch_size samples) per evaluation")
+    ap.add_argument("--eval-steps", type=int, default=3,
+                    help="validation batches (of train.global_batch_size samples) per evaluation")
     ap.add_argument("--out", default=str(ROOT / "runs" / "growth_matrix"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
