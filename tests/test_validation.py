@@ -32,9 +32,9 @@ def test_valid_batches_read_the_same_samples_at_every_layout(corpus):
             ranks = _pass(samples, gbs, mbs, dp, steps)
             assert {len(r) for r in ranks} == {gbs // (mbs * dp) * steps}  # as many micro-batches on every rank
             assert all(m.shape == (mbs, SEQ + 1) for r in ranks for m in r)
-            # global batch k: each rank's slice of it, in rank order
-            per_batch = len(ranks[0]) // steps
-            got = torch.cat([m for k in range(steps) for r in ranks for m in r[k * per_batch:(k + 1) * per_batch]])
+            # global batch k as a training batch is split: rank r's micro-batch m is its (m*dp + r)-th
+            accum = len(ranks[0]) // steps
+            got = torch.cat([ranks[r][k * accum + m] for k in range(steps) for m in range(accum) for r in range(dp)])
             assert torch.equal(got, expected), (dp, mbs)
     # A set shorter than one global batch is read around to fill it, the same at every layout.
     short = SampleSet(meta, SEQ, "valid", valid_fraction=0.0)

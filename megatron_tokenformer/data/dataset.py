@@ -526,8 +526,8 @@ def valid_batches(samples: SampleSet, micro_batch_size: int, dp_rank: int, dp_si
                   max_batches: int | None = None, global_batch_size: int | None = None) -> Iterator[torch.Tensor]:
     """This rank's micro-batches of one validation pass: the first ``max_batches`` (None: all) global
     batches of the validation samples in order, global batch k being samples [k*G, (k+1)*G) with
-    G = ``global_batch_size`` (None: one micro-batch per rank). Rank r reads the r-th of the dp_size
-    equal slices of each global batch, as ``micro_batch_size`` rows at a time.
+    G = ``global_batch_size`` (None: one micro-batch per rank), split as a training batch is
+    (TrainBatches): rank r's micro-batch m of it is the rows from k*G + (m*dp_size + r)*micro_batch_size.
 
     The samples read do not depend on the layout (only on G and max_batches), every rank reads as
     many, and every micro-batch has micro_batch_size rows of as many tokens: the mean of the
@@ -542,7 +542,7 @@ def valid_batches(samples: SampleSet, micro_batch_size: int, dp_rank: int, dp_si
     num = max(1, n // g)
     if max_batches is not None:
         num = min(num, max_batches)
-    share = g // dp_size
     for k in range(num):
-        for first in range(k * g + dp_rank * share, k * g + (dp_rank + 1) * share, micro_batch_size):
+        for m in range(g // (micro_batch_size * dp_size)):
+            first = k * g + (m * dp_size + dp_rank) * micro_batch_size
             yield samples.batch([(first + j) % n for j in range(micro_batch_size)])
