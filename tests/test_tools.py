@@ -62,7 +62,8 @@ def test_benchmark_reports_its_figures_and_why_the_data_was_not_timed(corpus, tm
         assert len(r["step_ms_rounds"]) == 2 and r["step_ms"] > 0
         assert r["tokens_per_sec"] == pytest.approx(tokens / (r["step_ms"] / 1e3), rel=1e-9)
         assert r["tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_sec"] / 1e12, rel=1e-9)
-        assert 0 < r["mfu"] and r["activation_bytes_per_token"] > 0
+        assert r["activation_bytes_per_token"] > 0
+        assert r["mfu"] > 0 or math.isnan(r["mfu"])  # nan: a GPU whose peak is not in the benchmark's table
         # random tokens, two steps at lr 1e-4: the loss is still about ln(vocab)
         assert abs(r["final_loss"] - math.log(vocab)) < 1.0, r["final_loss"]
     ratio = res["ratios"]["tokenformer-fused"]
@@ -162,7 +163,7 @@ def test_native_export_is_atomic(bench_checkpoint, tmp_path, monkeypatch, capsys
     files = {f.name: f.read_bytes() for f in out.iterdir()}
     assert sorted(files) == ["config.json", "model.safetensors"] and sorted(os.listdir(out.parent)) == ["tiny"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # an ordinary directory, not mkdtemp's 0700
-    assert export.main() == 2 and "exists and is not an empty directory; choose a new --out" in capsys.readouterr().err
+    assert export.main() == 2 and "exists and is not empty; choose a new --out" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == files
 
 
@@ -175,6 +176,7 @@ def _umask() -> int:
 # ---------------------------------------------------------------- scaling_experiment.py
 
 
+@pytest.mark.slow  # it launches two training runs
 def test_scaling_experiment_accounts_flops(corpus, tmp_path, monkeypatch, capsys):
     """Two arms (scratch, exact growth at half the tokens) on one seed, four steps: the summary's FLOPs
     follow from model_flops_per_token, the grown run trains for the scratch run's FLOPs (within a step),
@@ -233,14 +235,14 @@ def test_bench_data_prepare_counts_the_same_tokens(corpus, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert json.loads(out.stdout) == report and report["workers"] == 1 and report["rounds"] == 1
     (row,) = report["runs"]
-    assert row["documents"] == 42 and row["tokens"] == load_meta_tokens(work, corpus)
+    assert row["documents"] == 42 and row["tokens"] == encoded_tokens(work, corpus)
     for key in ("encode_batch_tokens_per_s", "prepare_tokens_per_s", "rate_ratio", "tasks_rate_ratio",
                 "dataset_bytes", "final_output_bytes", "peak_disk_bytes", "peak_pss_mb"):
         assert row[key] > 0, (key, row)
     assert row["final_output_bytes"] >= row["dataset_bytes"]  # the tokens, plus tokenizer and metadata
 
 
-def load_meta_tokens(work, corpus) -> int:
+def encoded_tokens(work, corpus) -> int:
     """The documents of the bench's corpus, encoded here: ids plus one end-of-document each."""
     from megatron_tokenformer.tokenizer import load_tokenizer
 

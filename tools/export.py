@@ -53,7 +53,7 @@ def export(load: str, out: str) -> Path:
 
 def check_out(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst} exists and is not an empty directory; choose a new --out")
+        raise CheckpointError(f"{dst} exists and is not empty; choose a new --out")
 
 
 def main() -> int:
