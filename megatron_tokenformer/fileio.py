@@ -7,6 +7,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 import socket
 import time
 import warnings
@@ -41,6 +42,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_failure_fix(error: BaseException | str, key: str) -> str:
+    """What to do about a failed write into the directory of config key `key`, from the error's errno
+    (an OSError's own, or the "[Errno N]" / "os error N" a message carries: the background writer
+    and safetensors' Rust writer pass errors on as text)."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"(?:Errno |os error )(\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    if code in _FULL:
+        return (f"the disk is full (or a quota or file-size limit is reached): free space there or point {key} "
+                "at a disk with room")
+    if code in _DENIED:
+        return (f"this user may not write there: fix the directory's permissions (or its read-only mount) or "
+                f"point {key} elsewhere")
+    return f"free space or fix permissions ({key})"
 
 
 @functools.cache

@@ -147,8 +147,8 @@ def estimate(cfg: Config, vocab: int, tensor: int, pipeline: int, data: int, zer
     bubble = (pipeline - 1) / (m_count + pipeline - 1)
     compute = flops / (gpus * flops_per_gpu) / (1 - bubble)
 
-    def link(span: int) -> float:  # ranks `span` apart (consecutive when 1) share a node or not
-        return intra_gbps if span < gpus_per_node else inter_gbps
+    def link(span: int) -> float:  # a group within `span` consecutive ranks: inside one node when they fit in it
+        return intra_gbps if span <= gpus_per_node else inter_gbps
 
     tp_bytes = tp_bytes_per_token(m, tensor, wbytes, layers=blocks_per_stage)
     tp_time = tp_bytes * tokens / data / (link(tensor) * 1e9) if tensor > 1 else 0.0

@@ -181,4 +181,14 @@ def test_checkpoint_from_another_tokenizer_is_refused(corpus, runs, tmp_path):
     _copy(runs["single"], run / "checkpoints")
     out = launch(DEEP + [f"data.path={other.path}", f"log.dir={run}", "train.steps=4"], launcher="python",
                  check=False)
-    assert out.returncode == 2 and "another tokenizer" in out.stderr and "data.path" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    # one line naming both tokenizers (where each is and its hash, computed here from the files) and the fix
+    from megatron_tokenformer.fileio import sha256_file
+
+    step = run / "checkpoints" / newest_good(run / "checkpoints")
+    ckpt_tok = checkpoint_tokenizer(run / "checkpoints").path
+    (line,) = [ln for ln in out.stderr.splitlines() if "another tokenizer" in ln]
+    for named in (str(step), str(ckpt_tok), sha256_file(ckpt_tok)[:12], f"data.path={other.path}",
+                  sha256_file(Path(other.path) / "tokenizer.model")[:12], "point data.path", "new checkpoint.dir"):
+        assert named in line, (named, line)
+    assert sha256_file(ckpt_tok) != sha256_file(Path(other.path) / "tokenizer.model")

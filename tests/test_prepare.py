@@ -308,6 +308,30 @@ def test_jsonl_zst_gz_json_list_and_parquet(prepared, doc_corpus, tmp_path):
     assert metadata(tmp_path / "out")["source"].endswith("(text key 'body')")
 
 
+def test_one_jsonl_zst_file_equals_the_same_jsonl(prepared, doc_corpus, tmp_path):
+    """One .jsonl.zst file as --input, as the README's Pile validation command takes it, compressed as
+    the `zstd` tool and the Pile's files are: streamed, without the content size in the frame header.
+    Over 2 tasks (the .zst cut by lines, the .jsonl by bytes) its sequences equal those prepared from the
+    same uncompressed .jsonl, and the tokenizer's own encoding of the documents."""
+    import zstandard
+
+    docs = doc_corpus[1]
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (tmp_path / "val.jsonl").write_bytes(lines)
+    with open(tmp_path / "val.jsonl.zst", "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as writer:
+        writer.write(lines)
+    frame = zstandard.get_frame_parameters((tmp_path / "val.jsonl.zst").read_bytes())
+    assert frame.content_size == zstandard.CONTENTSIZE_UNKNOWN  # what a one-shot decompress cannot read
+    tok = str(prepared / "tokenizer.model")
+    for name in ("val.jsonl", "val.jsonl.zst"):
+        prepare_cli("--input", str(tmp_path / name), "--output", f"out_{name}", "--tokenizer", tok, "--tasks", "2",
+                    cwd=tmp_path, check=True)
+    sp = load_tokenizer(tok)
+    assert sequences(tmp_path / "out_val.jsonl.zst") == sequences(tmp_path / "out_val.jsonl") == [
+        ids + [sp.eod_id] for ids in sp.encode_batch(docs)]
+    assert len(metadata(tmp_path / "out_val.jsonl.zst")["prefixes"]) == 2
+
+
 def test_hub_dataset_streamed(prepared, doc_corpus, tmp_path):
     # A local dataset directory stands in for a Hub name: the same load_dataset call, no network.
     hub = tmp_path / "hub"

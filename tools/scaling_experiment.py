@@ -24,10 +24,12 @@ max over seeds. The evaluation interval bounds how well a crossing is known: the
 widest bracket (evaluation interval / crossing FLOPs) over all crossings.
 Writes <out>/summary.json, <out>/summary.md and <out>/growth_matrix.png (mean validation loss against
 training FLOPs per arm, a band from the lowest to the highest seed). Finished runs are reused
-(delete a run's directory to redo it). Needs matplotlib (`pip install -e '.[experiments]'`).
+(delete a run's directory to redo it). The plot needs matplotlib (`pip install -e '.[experiments]'`),
+checked before any run starts; `--no-plot` leaves it out.
 """
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
 import queue
@@ -135,8 +137,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: each run gets one (use --jobs up to their number)")
+    ap.add_argument("--no-plot", action="store_true", help="write no growth_matrix.png (needs no matplotlib)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = ap.parse_args()
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:  # before hours of training, not after
+        print("error: the plot (growth_matrix.png) needs matplotlib: pip install -e '.[experiments]', or pass "
+              "--no-plot", file=sys.stderr)
+        return 2
 
     cfg = load_config(args.config, args.overrides)
     vocab = padded_vocab_size(cfg, load_meta(cfg.data.path, recipe=cfg.data.prepare, tokenizer=cfg.data.tokenizer).vocab_size)
@@ -243,8 +250,11 @@ def main() -> int:
                      + (cell(diff, "{:+.3f}") if diff else "") + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(out / "growth_matrix.png", curves, targets, total, stages, at)
-    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'growth_matrix.png'}")
+    wrote = [out / "summary.json", out / "summary.md"]
+    if not args.no_plot:
+        _plot(out / "growth_matrix.png", curves, targets, total, stages, at)
+        wrote.append(out / "growth_matrix.png")
+    print("wrote " + ", ".join(map(str, wrote)))
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed as D
 from ..config import TOKEN_KEYS, Config
-from ..fileio import atomic_write_text, umask_mode
+from ..fileio import atomic_write_text, umask_mode, write_failure_fix
 from ..deepspeed_adapter import (OptimizerState, engine_counters, loss_scaler_state, set_engine_counters,
                                  set_loss_scaler_state)
 from ..pattention import Pattention
@@ -95,9 +95,9 @@ def _write(tmp: Path, grid: D.Grid, pieces, rng, delay: float = 0.0) -> list[Pat
     return written
 
 
-def _write_error(ckpt_dir: Path, tag: str, e: BaseException) -> CheckpointError:
+def _write_error(ckpt_dir: Path, tag: str, e: BaseException | str) -> CheckpointError:
     return CheckpointError(f"could not write checkpoint {ckpt_dir / tag}: {e}. The previous checkpoint in "
-                           f"{ckpt_dir} is untouched; free space or fix permissions (checkpoint.dir) and "
+                           f"{ckpt_dir} is untouched; {write_failure_fix(e, 'checkpoint.dir')}, and "
                            "rerun to resume from it")
 
 
@@ -256,8 +256,10 @@ def check_loadable(meta: dict, cfg: Config, model_cfg, where: Path, tokenizer_sh
     """Everything that can be checked before building the model: tokenizer, shapes, vocab split."""
     check_format(meta, where)
     if meta.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        carried = meta.get("tokenizer", {}).get("file")  # the copy of its tokenizer the checkpoint holds
         raise CheckpointError(
-            f"checkpoint {where} was trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}) "
+            f"checkpoint {where} was trained with another tokenizer ({f'{where / carried}, ' if carried else ''}"
+            f"sha256 {meta['tokenizer_sha256'][:12]}) "
             f"than the data in data.path={cfg.data.path} (sha256 {tokenizer_sha256[:12]}); point data.path (and data.tokenizer, "
             "for a dataset that carries none) at the data the run was trained on, or start a new checkpoint.dir")
     check_compatible(meta, model_cfg, where)
