@@ -141,3 +141,33 @@ def test_growth_stages(tmp_path):
                       (["growth={at_step: 10}"], "must be a list of stages")):
         with pytest.raises(ConfigError, match=msg):
             load_config(f, over)
+
+
+@pytest.mark.parametrize("override, hint", [
+    (["train.stpes=3"], "did you mean train.steps?"),
+    (["train.seq_length=128"], "did you mean model.seq_length?"),  # a key of another section
+    (["trian.steps=3"], "did you mean train.steps?"),
+    (["growth=[{at_step: 10, fnn_tokens: 256}]"], "did you mean growth[0].ffn_tokens?"),
+    (["lr=3e-4"], "did you mean train.lr=3e-4?"),
+])
+def test_unknown_names_suggest_the_nearest(override, hint):
+    """An unknown key or section names the nearest valid one, and that one loads."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yml", override)
+    assert hint in str(e.value), str(e.value)
+    if not override[0].startswith("growth"):
+        load_config("configs/tiny.yml", [hint.removeprefix("did you mean ").rstrip("?") + ("" if "=" in hint else "=64")])
+    with pytest.raises(ConfigError) as e:  # nothing near: no guess
+        load_config("configs/tiny.yml", ["train.zzz=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_unknown_names_in_a_file_suggest_the_nearest(tmp_path):
+    f = tmp_path / "typo.yml"
+    for text, hint in (("train:\n  stpes: 3\n", f"unknown config key 'train.stpes' ({f}); did you mean train.steps?"),
+                       ("trian:\n  steps: 3\n", f"unknown config section 'trian' ({f}); did you mean train?"),
+                       ("growht: []\n", f"unknown config section 'growht' ({f}); did you mean growth?")):
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert hint in str(e.value), str(e.value)

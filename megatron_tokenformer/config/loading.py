@@ -1,6 +1,7 @@
 """YAML files and `section.key=value` overrides into a Config; `describe()` for --help-config."""
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
@@ -52,6 +53,27 @@ def describe() -> str:
             lines.append(f"{sec.name}:")
             keys(sec.default_factory, f"{sec.name}.")
     return "\n".join(lines)
+
+
+def _nearest(word: str, options) -> str | None:
+    """The option closest to a misspelt name (difflib's ratio >= 0.6), or None."""
+    found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _all_keys() -> dict[str, list[str]]:
+    """{section: its keys} of every typed section (deepspeed is free-form, growth a list)."""
+    return {f.name: list(get_type_hints(f.default_factory)) for f in fields(Config)
+            if f.name not in ("deepspeed", "growth")}
+
+
+def _key_hint(section: str, key: str) -> str:
+    """' did you mean S.K?' for an unknown key: the key nearest by name over all sections, its own
+    section first on a tie (train.seq_length -> model.seq_length); '' when nothing is near."""
+    scored = [(difflib.SequenceMatcher(None, key, k).ratio(), s == section, f"{s}.{k}")
+              for s, keys in _all_keys().items() for k in keys]
+    ratio, _, best = max(scored)
+    return f" did you mean {best}?" if ratio >= 0.6 else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -136,7 +158,9 @@ def _items(value: Any, cls: type, key: str, origin: str, example: str, what: str
         obj = cls()
         for name, v in item.items():
             if name not in hints:
-                raise ConfigError(f"unknown key '{name}' in {key}[{i}] ({origin}); keys are: {', '.join(hints)}")
+                near = _nearest(str(name), hints)
+                hint = f" did you mean {key}[{i}].{near}?" if near else ""
+                raise ConfigError(f"unknown key '{name}' in {key}[{i}] ({origin});{hint} keys are: {', '.join(hints)}")
             setattr(obj, name, _coerce(v, hints[name], f"{key}[{i}].{name}"))
         items.append(obj)
     return items
@@ -187,18 +211,26 @@ def _node(tree: dict, path: list[str], origin: str) -> dict:
     return tree
 
 
+def _unknown_section(section: str, key: str | None, origin: str) -> None:
+    """Raise the error for a section name that is not one, with the nearest one."""
+    sections = [f.name for f in fields(Config)]
+    near = _nearest(str(section), sections)
+    hint = f" did you mean {near}{'.' + str(key) if key is not None else ''}?" if near else ""
+    raise ConfigError(f"unknown config section '{section}' ({origin});{hint} sections are: {', '.join(sections)}")
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
-        raise ConfigError(f"unknown config section '{section}' ({origin}); sections are: {', '.join(sections)}")
+        _unknown_section(section, key, origin)
     if section == "deepspeed":  # free-form: DeepSpeed's own keys, checked in validation
         _set_deepspeed(cfg.deepspeed, str(key).split("."), value, origin)
         return
     sub = getattr(cfg, section)
     hints = get_type_hints(type(sub))
     if key not in hints:
-        raise ConfigError(
-            f"unknown config key '{section}.{key}' ({origin}); keys of '{section}' are: {', '.join(hints)}")
+        raise ConfigError(f"unknown config key '{section}.{key}' ({origin});{_key_hint(section, str(key))} "
+                          f"keys of '{section}' are: {', '.join(hints)}")
     if (section, key) == ("data", "blend"):
         sub.blend = _blend(value, origin)
         return
@@ -207,7 +239,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
 
 def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20")
+        name, _, raw = text.partition("=")
+        owners = [s for s, keys in _all_keys().items() if name.strip() in keys]
+        hint = f"; did you mean {' or '.join(f'{o}.{name.strip()}={raw}' for o in owners)}?" if owners else ""
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20{hint}")
     key, raw = text.split("=", 1)
     section, name = key.split(".", 1)
     # YAML parsing gives ints/floats/bools/null the same meaning as in the config file.
@@ -235,6 +270,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if section == "growth":
                 cfg.growth = _growth(values, str(path))
                 continue
+            if section not in {f.name for f in fields(Config)}:
+                _unknown_section(section, None, str(path))
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' in {path} must be a mapping of key: value")
             for key, value in values.items():
