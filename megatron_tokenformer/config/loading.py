@@ -1,6 +1,8 @@
-"""YAML files and `section.key=value` overrides into a Config; `describe()` for --help-config."""
+"""YAML files and `section.key=value` overrides into a Config; `describe()`, `describe_key()` and
+`help_text()` for --help-config."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import types
@@ -29,30 +31,129 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe() -> str:
-    """Every config key with its type, default and docstring (for --help)."""
-    lines = []
+# The end of a docstring's first sentence: ". " before a capital, a digit or a quote; "e.g. " and
+# "i.e. " are not ends.
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z0-9`'\"(])")
+ONE_LINE = 110  # characters of a key's doc that `describe()` shows; `--help-config KEY` shows the rest
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence, cut at a word to ONE_LINE characters (' ...' marks the cut)."""
+    text = " ".join(doc.split())
+    end = _SENTENCE_END.search(text)
+    first = text[:end.start() + 1] if end else text
+    if len(first) > ONE_LINE:
+        first = first[:ONE_LINE].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return first
+
+
+def _show(value: Any) -> str:
+    """A config value as describe() prints it: dataclass items (growth, data.blend) as mappings."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return repr([dataclasses.asdict(v) for v in value])
+    return repr(value)
+
+
+def _documented() -> list[tuple[str, type, str]]:
+    """(dotted key, the dataclass holding it, field name) of every documented key, in describe()'s order;
+    list items as growth[].KEY and data.blend[].KEY."""
+    out = []
 
     def keys(cls, prefix: str) -> None:
-        docs = _field_docs(cls)
         for f in fields(cls):
-            doc = " ".join(docs.get(f.name, "").split())
-            default = f.default_factory() if f.default is MISSING else f.default
-            lines.append(f"  {prefix}{f.name} = {default!r}  # {doc}")
+            out.append((f"{prefix}{f.name}", cls, f.name))
             if (cls, f.name) == (DataConfig, "blend"):  # a list: its items' keys
                 keys(BlendSource, "data.blend[].")
 
     for sec in fields(Config):
-        if sec.name == "deepspeed":
-            lines.append("deepspeed:  # " + " ".join(_field_docs(Config)["deepspeed"].split()))
-            lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
-        elif sec.name == "growth":
-            lines.append("growth:  # a list of stages, each with:")
+        if sec.name == "growth":
             keys(GrowthStage, "growth[].")
-        else:
-            lines.append(f"{sec.name}:")
+        elif sec.name != "deepspeed":
             keys(sec.default_factory, f"{sec.name}.")
+    return out
+
+
+def _default(cls, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key in cfg (list items have none: MISSING)."""
+    if "[]" in key:
+        return MISSING
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every config key with its default and the first sentence of its docstring, one line each (for
+    --help-config); with `cfg`, each key shows cfg's value, followed by `(default X)` where they differ."""
+    docs = {cls: _field_docs(cls) for _, cls, _ in _documented()}
+    lines, section = [], None
+    for key, cls, name in _documented():
+        head = key.split("[")[0].split(".")[0]
+        if head != section:
+            section = head
+            if head == "growth":
+                shown = f" {_show(cfg.growth)}" if cfg is not None and cfg.growth else ""
+                lines.append(f"growth:{shown}  # a list of stages, each with:")
+            else:
+                lines.append(f"{head}:")
+        default, value = _default(cls, name), MISSING if cfg is None else _value(cfg, key)
+        shown = _show(default) if value is MISSING else _show(value)
+        if value is not MISSING and value != default:
+            shown += f" (default {_show(default)})"
+        lines.append(f"  {key} = {shown}  # {_first_sentence(docs[cls].get(name, ''))}")
+    # deepspeed: free-form, the last section of Config
+    ds = f" {cfg.deepspeed!r}" if cfg is not None and cfg.deepspeed else ""
+    lines.append(f"deepspeed:{ds}  # " + _first_sentence(_field_docs(Config)["deepspeed"]))
+    lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
     return "\n".join(lines)
+
+
+def describe_key(key: str, cfg: Config | None = None) -> str:
+    """The whole docstring of one key (train.spike_factor, growth[].at_step or growth.at_step, deepspeed),
+    with its type and default (and cfg's value); an unknown key is a ConfigError naming the nearest."""
+    if key == "deepspeed" or key.startswith("deepspeed."):
+        doc, head = _field_docs(Config)["deepspeed"], "deepspeed: mapping = {}"
+        if cfg is not None:
+            head += f" (this config: {cfg.deepspeed!r})"
+    else:
+        table = {k: (cls, name) for k, cls, name in _documented()}
+        for plain, listed in (("growth.", "growth[]."), ("data.blend.", "data.blend[].")):
+            if key.startswith(plain):
+                key = listed + key[len(plain):]
+        if key not in table:
+            near = _nearest(key, table)
+            hint = f"did you mean {near}? " if near else ""
+            raise ConfigError(f"--help-config {key}: no such config key; {hint}`--help-config` alone lists them all")
+        cls, name = table[key]
+        tp = get_type_hints(cls)[name]
+        kind = tp.__name__ if isinstance(tp, type) else re.sub(r"\b(\w+\.)+(?=\w)", "", str(tp))  # no module paths
+        head = f"{key}: {kind} = {_show(_default(cls, name))}"
+        value = MISSING if cfg is None else _value(cfg, key)
+        if value is not MISSING:
+            head += f" (this config: {_show(value)})"
+        doc = _field_docs(cls).get(name, "")
+    import textwrap
+
+    return head + "\n" + textwrap.fill(" ".join(doc.split()), width=100, initial_indent="  ", subsequent_indent="  ")
+
+
+def help_text(config_path: str | None, overrides: list[str], key: str | None = None) -> str:
+    """What --help-config prints: every key (with the values of config_path + overrides, when given),
+    or with `key` the whole text of that key. `key` holding "=" is an override argparse took as KEY."""
+    if key is not None and "=" in key:
+        overrides, key = [key, *overrides], None
+    cfg = load_config(config_path, overrides) if config_path is not None or overrides else None
+    if key is not None:
+        return describe_key(key, cfg)
+    if cfg is None:
+        return describe() + "\n(`--help-config KEY` prints the whole text of one key)"
+    given = " ".join([config_path or "defaults", *overrides])
+    return (f"# the values of {given}; (default X) follows a value that differs from its default; "
+            f"`--help-config KEY` prints the whole text of one key\n" + describe(cfg))
 
 
 def _nearest(word: str, options) -> str | None:
