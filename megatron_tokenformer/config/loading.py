@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -89,7 +90,7 @@ def _value(cfg: Config, key: str) -> Any:
 def describe(cfg: Config | None = None) -> str:
     """Every config key with its default and the first sentence of its docstring, one line each (for
     --help-config); with `cfg`, each key shows cfg's value, followed by `(default X)` where they differ."""
-    docs = {cls: _field_docs(cls) for _, cls, _ in _documented()}
+    docs = {cls: _field_docs(cls) for cls in {cls for _, cls, _ in _documented()}}
     lines, section = [], None
     for key, cls, name in _documented():
         head = key.split("[")[0].split(".")[0]
@@ -136,8 +137,6 @@ def describe_key(key: str, cfg: Config | None = None) -> str:
         if value is not MISSING:
             head += f" (this config: {_show(value)})"
         doc = _field_docs(cls).get(name, "")
-    import textwrap
-
     return head + "\n" + textwrap.fill(" ".join(doc.split()), width=100, initial_indent="  ", subsequent_indent="  ")
 
 

@@ -222,7 +222,8 @@ def _check_precision_and_pipeline(cfg: Config) -> None:
               f"train.spike_factor={t.spike_factor} is not supported with parallel.pipeline={p.pipeline}: DeepSpeed's "
               "pipeline engine applies the update inside its batch, before the loss can be judged; set "
               "train.spike_factor=null (non-finite steps are still skipped)")
-        _need(t.compile is not True, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
+        _need(t.compile is not True,
+              "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
         _need(p.zero_stage <= 1,
               f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
               "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
