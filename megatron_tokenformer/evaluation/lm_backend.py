@@ -35,10 +35,10 @@ class EvalError(UserError, ValueError):
     """A bad evaluation input (argument, task, data); the message names the fix."""
 
 
-# lm-eval 0.4's get_model() imports lm_eval.models, which registers its own backends (hf, vllm, ...;
-# lazily from 0.4.9 on, eagerly before), only while the model registry is empty. Registering our
-# name first would leave it non-empty and hide them all ("no model for this name found! Supported
-# model names: megatron_tokenformer"), so lm_eval.models is imported above, before the decorator.
+# lm-eval 0.4.13's get_model() imports lm_eval.models, which registers its own backends (hf, vllm,
+# ...), only while the model registry is empty. Registering our name first would leave it non-empty
+# and hide them all ("no model for this name found! Supported model names: megatron_tokenformer"),
+# so lm_eval.models is imported above, before the decorator (harmless where it registers eagerly).
 @register_model("megatron_tokenformer")
 class TokenFormerLM(TemplateLM):
     """lm-eval's `LM` API over a TokenFormerModel on one process."""
