@@ -233,10 +233,12 @@ def test_eval_tasks_config_is_checked(corpus, tmp_path):
         TaskEvaluator(cfg, Path(corpus) / "tokenizer.model")
 
 
-# The tasks scored by both backends: PIQA is left out because lm-eval's hf backend asserts that a
-# continuation fits its context, and some PIQA solutions are longer than the test model's 64 tokens
-# (ours scores them in pieces, as test_backend_equals_direct_computation checks).
-BOTH = ["lambada_openai", "arc_easy", "arc_challenge", "winogrande", "hellaswag"]
+# The tasks scored by both backends: one of each kind (LAMBADA's last word with perplexity, ARC's
+# choices with acc_norm, WinoGrande's partial sentences). HellaSwag scores alike too (checked by hand;
+# left out for time: its preprocessing maps all 10042 documents). PIQA is left out because lm-eval's hf
+# backend asserts that a continuation fits its context, and some PIQA solutions are longer than the
+# test model's 64 tokens (ours scores them in pieces, as test_backend_equals_direct_computation checks).
+BOTH = ["lambada_openai", "arc_easy", "winogrande"]
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +255,7 @@ def test_stock_hf_backend_on_the_export_scores_as_ours(trained, eval_data, hf_ex
     same loglikelihood and is-greedy flag for every request, and the same accuracies."""
     from lm_eval.api.registry import get_model
 
+    import megatron_tokenformer.evaluation.lm_backend  # noqa: F401  (registers the name)
     from megatron_tokenformer.evaluation.harness import run_tasks, scores
 
     ours = get_model("megatron_tokenformer").create_from_arg_string(
@@ -271,7 +274,7 @@ def test_stock_hf_backend_on_the_export_scores_as_ours(trained, eval_data, hf_ex
             for ((ll_a, greedy_a),), ((ll_b, greedy_b),) in zip(da["resps"], db["resps"], strict=True):
                 assert ll_a == pytest.approx(ll_b, rel=1e-4) and greedy_a == greedy_b, (task, da["doc_id"])
                 requests += 1
-    assert requests > 5 * LIMIT * 2  # every task's documents, several choices each
+    assert requests > len(BOTH) * LIMIT * 1.5  # every task's documents, most with several choices
     s_ours, s_hf = scores(got["ours"]), scores(got["hf"])
     for task in BOTH:
         for metric in ("acc", "acc_norm"):
