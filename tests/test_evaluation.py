@@ -282,6 +282,7 @@ def test_stock_hf_backend_on_the_export_scores_as_ours(trained, eval_data, hf_ex
     assert s_ours["lambada_openai"]["perplexity"] == pytest.approx(s_hf["lambada_openai"]["perplexity"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lm_eval_command_runs_our_backend_and_stock_hf(trained, eval_data, hf_export, tmp_path):
     """`python -m megatron_tokenformer.evaluation` (lm-eval's command with our model registered) keeps
     lm-eval's own models: --model hf on the export scores what --model megatron_tokenformer does."""
@@ -310,6 +311,7 @@ def test_lm_eval_command_runs_our_backend_and_stock_hf(trained, eval_data, hf_ex
     assert acc["hf"]["acc_norm,none"] == acc["megatron_tokenformer"]["acc_norm,none"]
 
 
+@pytest.mark.slow
 def test_task_time_is_not_counted_in_tokens_per_second(corpus, eval_data, tmp_path):
     """Tasks during training run inside the throughput window's pause: a task made to take 1000 s on
     the training loop's own clock (its time.perf_counter moved on by the task) leaves the logged
