@@ -1,7 +1,10 @@
 from setuptools import find_packages, setup
 
 HF = ["transformers>=4.56"]  # export to, and load from, Hugging Face transformers
-EVAL = ["lm-eval>=0.4.8,<0.5"]  # zero-shot tasks through EleutherAI's harness
+# Zero-shot tasks through EleutherAI's harness. lm-eval's own `hf` model (docs/EVAL.md: scoring a
+# `tools/export.py --format hf` export with stock lm_eval) imports transformers and accelerate: its
+# [hf] extra without peft, which only its peft= argument loads.
+EVAL = ["lm-eval>=0.4.8,<0.5", "accelerate>=0.26", *HF]
 
 setup(
     name="megatron_tokenformer",

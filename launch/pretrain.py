@@ -21,7 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file, e.g. configs/tiny.yml")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
+    parser.add_argument("--help-config", nargs="?", const=True, default=False, metavar="KEY",
+                        help="list every config key with its meaning (with --config and overrides: their values); "
+                             "with KEY, e.g. train.spike_factor, that key's whole text")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=20 parallel.zero_stage=2")
     args = parser.parse_args()
     code = run(args.config, args.overrides, args.help_config)

@@ -6,11 +6,17 @@ import sys
 from .errors import UserError
 
 
-def run(config_path: str | None, overrides: list[str], help_config: bool = False) -> int:
-    from .config import describe, load_config
+def run(config_path: str | None, overrides: list[str], help_config: bool | str = False) -> int:
+    """help_config: True lists every key (with config_path's and overrides' values when given); a
+    key name prints that key's whole text."""
+    from .config import help_text, load_config
 
     if help_config:
-        print(describe())
+        try:
+            print(help_text(config_path, overrides, None if help_config is True else help_config))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         return 0
     if config_path is None:
         print("error: no --config given; pass one, e.g. --config configs/tiny.yml (configs/ holds the tiny demo "

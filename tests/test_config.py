@@ -141,3 +141,84 @@ def test_growth_stages(tmp_path):
                       (["growth={at_step: 10}"], "must be a list of stages")):
         with pytest.raises(ConfigError, match=msg):
             load_config(f, over)
+
+
+@pytest.mark.parametrize("override, hint", [
+    (["train.stpes=3"], "did you mean train.steps?"),
+    (["train.seq_length=128"], "did you mean model.seq_length?"),  # a key of another section
+    (["trian.steps=3"], "did you mean train.steps?"),
+    (["growth=[{at_step: 10, fnn_tokens: 256}]"], "did you mean growth[0].ffn_tokens?"),
+    (["lr=3e-4"], "did you mean train.lr=3e-4?"),
+])
+def test_unknown_names_suggest_the_nearest(override, hint):
+    """An unknown key or section names the nearest valid one, and that one loads."""
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yml", override)
+    assert hint in str(e.value), str(e.value)
+    if not override[0].startswith("growth"):
+        suggested = hint.removeprefix("did you mean ").rstrip("?")
+        load_config("configs/tiny.yml", [suggested if "=" in suggested else suggested + "=64"])
+    with pytest.raises(ConfigError) as e:  # nothing near: no guess
+        load_config("configs/tiny.yml", ["train.zzz=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_unknown_names_in_a_file_suggest_the_nearest(tmp_path):
+    f = tmp_path / "typo.yml"
+    for text, hint in (("train:\n  stpes: 3\n", f"unknown config key 'train.stpes' ({f}); did you mean train.steps?"),
+                       ("trian:\n  steps: 3\n", f"unknown config section 'trian' ({f}); did you mean train?"),
+                       ("growht: []\n", f"unknown config section 'growht' ({f}); did you mean growth?")):
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert hint in str(e.value), str(e.value)
+
+
+def _help_config(*args: str):
+    """launch/pretrain.py --help-config ... as a user runs it."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, env
+
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_config_shows_a_configs_values_one_line_per_key(tmp_path):
+    from megatron_tokenformer.config.loading import _documented
+
+    f = tmp_path / "mine.yml"
+    f.write_text("model: {hidden_size: 96}\ntrain: {lr: 0.0042}\n")
+    # an override right after --help-config (argparse takes it as KEY) counts as an override
+    proc = _help_config("--help-config", "train.steps=7", "--config", str(f), "log.interval=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    by_key = {line.split(" = ", 1)[0].strip(): line for line in lines if line.startswith("  ")}
+    assert set(by_key) == {k for k, _, _ in _documented()} | {"deepspeed.<key>[.<key>...]"}  # every key, once
+    assert by_key["model.hidden_size"].startswith("  model.hidden_size = 96 (default 128)  # ")  # from the file
+    assert by_key["train.lr"].startswith("  train.lr = 0.0042 (default 0.001)  # ")
+    assert by_key["train.steps"].startswith("  train.steps = 7 (default 200)  # ")  # from the command line
+    assert by_key["log.interval"].startswith("  log.interval = 3 (default 10)  # ")
+    assert by_key["model.num_heads"].startswith("  model.num_heads = 4  # ")  # the default: shown once
+    # each key's doc in one line: its first sentence, cut at ONE_LINE characters
+    assert by_key["model.num_layers"].endswith("# Number of TokenFormer blocks.")
+    spike = by_key["train.spike_factor"].split("  # ", 1)[1]
+    assert spike.startswith("Skip the update of a step") and len(spike) <= 110 + 4 and "resume is exact" not in spike
+
+
+def test_help_config_key_prints_its_whole_text(capsys):
+    from megatron_tokenformer.cli import run
+    from megatron_tokenformer.config.loading import _field_docs
+    from megatron_tokenformer.config.schema import TrainConfig
+
+    proc = _help_config("--help-config", "train.spike_factor", "--config", "configs/tiny.yml", "train.spike_factor=3")
+    assert proc.returncode == 0, proc.stderr
+    head, *body = proc.stdout.strip().splitlines()
+    assert head == "train.spike_factor: Optional[float] = None (this config: 3.0)"
+    assert " ".join(" ".join(body).split()) == " ".join(_field_docs(TrainConfig)["spike_factor"].split())
+    assert len(" ".join(body)) > 800 and max(map(len, body)) <= 100
+    assert run(None, [], "train.stpes") == 2  # what the script returns for an unknown KEY
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == ("error: --help-config train.stpes: no such config key; did you mean "
+                                         "train.steps? `--help-config` alone lists them all")

@@ -5,14 +5,15 @@ config object travels into the run directory, every checkpoint and the W&B run, 
 sections already carry what tensor/pipeline parallelism and growth need.
 
     schema.py      the sections (ModelConfig, ParallelConfig, ...) and Config
-    loading.py     YAML and overrides -> Config, describe()
+    loading.py     YAML and overrides -> Config, describe() / help_text() for --help-config
     validation.py  validate(), padded_vocab_size()
 """
-from .loading import config_from_dict, describe, load_config, parse_override
+from .loading import config_from_dict, describe, describe_key, help_text, load_config, parse_override
 from .schema import (TOKEN_KEYS, BlendSource, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
                      GrowthStage, LogConfig, ModelConfig, ParallelConfig, TrainConfig)
 from .validation import padded_vocab_size, validate
 
 __all__ = ["TOKEN_KEYS", "BlendSource", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
            "GrowthStage", "LogConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "describe",
+           "describe_key", "help_text",
            "load_config", "parse_override", "padded_vocab_size", "validate"]

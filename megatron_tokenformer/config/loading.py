@@ -1,7 +1,11 @@
-"""YAML files and `section.key=value` overrides into a Config; `describe()` for --help-config."""
+"""YAML files and `section.key=value` overrides into a Config; `describe()`, `describe_key()` and
+`help_text()` for --help-config."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -28,30 +32,148 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe() -> str:
-    """Every config key with its type, default and docstring (for --help)."""
-    lines = []
+# The end of a docstring's first sentence: ". " before a capital, a digit or a quote; "e.g. " and
+# "i.e. " are not ends.
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z0-9`'\"(])")
+ONE_LINE = 110  # characters of a key's doc that `describe()` shows; `--help-config KEY` shows the rest
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence, cut at a word to ONE_LINE characters (' ...' marks the cut)."""
+    text = " ".join(doc.split())
+    end = _SENTENCE_END.search(text)
+    first = text[:end.start() + 1] if end else text
+    if len(first) > ONE_LINE:
+        first = first[:ONE_LINE].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return first
+
+
+def _show(value: Any) -> str:
+    """A config value as describe() prints it: dataclass items (growth, data.blend) as mappings."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return repr([dataclasses.asdict(v) for v in value])
+    return repr(value)
+
+
+def _documented() -> list[tuple[str, type, str]]:
+    """(dotted key, the dataclass holding it, field name) of every documented key, in describe()'s order;
+    list items as growth[].KEY and data.blend[].KEY."""
+    out = []
 
     def keys(cls, prefix: str) -> None:
-        docs = _field_docs(cls)
         for f in fields(cls):
-            doc = " ".join(docs.get(f.name, "").split())
-            default = f.default_factory() if f.default is MISSING else f.default
-            lines.append(f"  {prefix}{f.name} = {default!r}  # {doc}")
+            out.append((f"{prefix}{f.name}", cls, f.name))
             if (cls, f.name) == (DataConfig, "blend"):  # a list: its items' keys
                 keys(BlendSource, "data.blend[].")
 
     for sec in fields(Config):
-        if sec.name == "deepspeed":
-            lines.append("deepspeed:  # " + " ".join(_field_docs(Config)["deepspeed"].split()))
-            lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
-        elif sec.name == "growth":
-            lines.append("growth:  # a list of stages, each with:")
+        if sec.name == "growth":
             keys(GrowthStage, "growth[].")
-        else:
-            lines.append(f"{sec.name}:")
+        elif sec.name != "deepspeed":
             keys(sec.default_factory, f"{sec.name}.")
+    return out
+
+
+def _default(cls, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key in cfg (list items have none: MISSING)."""
+    if "[]" in key:
+        return MISSING
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every config key with its default and the first sentence of its docstring, one line each (for
+    --help-config); with `cfg`, each key shows cfg's value, followed by `(default X)` where they differ."""
+    docs = {cls: _field_docs(cls) for cls in {cls for _, cls, _ in _documented()}}
+    lines, section = [], None
+    for key, cls, name in _documented():
+        head = key.split("[")[0].split(".")[0]
+        if head != section:
+            section = head
+            if head == "growth":
+                shown = f" {_show(cfg.growth)}" if cfg is not None and cfg.growth else ""
+                lines.append(f"growth:{shown}  # a list of stages, each with:")
+            else:
+                lines.append(f"{head}:")
+        default, value = _default(cls, name), MISSING if cfg is None else _value(cfg, key)
+        shown = _show(default) if value is MISSING else _show(value)
+        if value is not MISSING and value != default:
+            shown += f" (default {_show(default)})"
+        lines.append(f"  {key} = {shown}  # {_first_sentence(docs[cls].get(name, ''))}")
+    # deepspeed: free-form, the last section of Config
+    ds = f" {cfg.deepspeed!r}" if cfg is not None and cfg.deepspeed else ""
+    lines.append(f"deepspeed:{ds}  # " + _first_sentence(_field_docs(Config)["deepspeed"]))
+    lines.append("  deepspeed.<key>[.<key>...] = {}  # e.g. deepspeed.zero_optimization.overlap_comm=true")
     return "\n".join(lines)
+
+
+def describe_key(key: str, cfg: Config | None = None) -> str:
+    """The whole docstring of one key (train.spike_factor, growth[].at_step or growth.at_step, deepspeed),
+    with its type and default (and cfg's value); an unknown key is a ConfigError naming the nearest."""
+    if key == "deepspeed" or key.startswith("deepspeed."):
+        doc, head = _field_docs(Config)["deepspeed"], "deepspeed: mapping = {}"
+        if cfg is not None:
+            head += f" (this config: {cfg.deepspeed!r})"
+    else:
+        table = {k: (cls, name) for k, cls, name in _documented()}
+        for plain, listed in (("growth.", "growth[]."), ("data.blend.", "data.blend[].")):
+            if key.startswith(plain):
+                key = listed + key[len(plain):]
+        if key not in table:
+            near = _nearest(key, table)
+            hint = f"did you mean {near}? " if near else ""
+            raise ConfigError(f"--help-config {key}: no such config key; {hint}`--help-config` alone lists them all")
+        cls, name = table[key]
+        tp = get_type_hints(cls)[name]
+        kind = tp.__name__ if isinstance(tp, type) else re.sub(r"\b(\w+\.)+(?=\w)", "", str(tp))  # no module paths
+        head = f"{key}: {kind} = {_show(_default(cls, name))}"
+        value = MISSING if cfg is None else _value(cfg, key)
+        if value is not MISSING:
+            head += f" (this config: {_show(value)})"
+        doc = _field_docs(cls).get(name, "")
+    return head + "\n" + textwrap.fill(" ".join(doc.split()), width=100, initial_indent="  ", subsequent_indent="  ")
+
+
+def help_text(config_path: str | None, overrides: list[str], key: str | None = None) -> str:
+    """What --help-config prints: every key (with the values of config_path + overrides, when given),
+    or with `key` the whole text of that key. `key` holding "=" is an override argparse took as KEY."""
+    if key is not None and "=" in key:
+        overrides, key = [key, *overrides], None
+    cfg = load_config(config_path, overrides) if config_path is not None or overrides else None
+    if key is not None:
+        return describe_key(key, cfg)
+    if cfg is None:
+        return describe() + "\n(`--help-config KEY` prints the whole text of one key)"
+    given = " ".join([config_path or "defaults", *overrides])
+    return (f"# the values of {given}; (default X) follows a value that differs from its default; "
+            f"`--help-config KEY` prints the whole text of one key\n" + describe(cfg))
+
+
+def _nearest(word: str, options) -> str | None:
+    """The option closest to a misspelt name (difflib's ratio >= 0.6), or None."""
+    found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _all_keys() -> dict[str, list[str]]:
+    """{section: its keys} of every typed section (deepspeed is free-form, growth a list)."""
+    return {f.name: list(get_type_hints(f.default_factory)) for f in fields(Config)
+            if f.name not in ("deepspeed", "growth")}
+
+
+def _key_hint(section: str, key: str) -> str:
+    """' did you mean S.K?' for an unknown key: the key nearest by name over all sections, its own
+    section first on a tie (train.seq_length -> model.seq_length); '' when nothing is near."""
+    scored = [(difflib.SequenceMatcher(None, key, k).ratio(), s == section, f"{s}.{k}")
+              for s, keys in _all_keys().items() for k in keys]
+    ratio, _, best = max(scored)
+    return f" did you mean {best}?" if ratio >= 0.6 else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -136,7 +258,9 @@ def _items(value: Any, cls: type, key: str, origin: str, example: str, what: str
         obj = cls()
         for name, v in item.items():
             if name not in hints:
-                raise ConfigError(f"unknown key '{name}' in {key}[{i}] ({origin}); keys are: {', '.join(hints)}")
+                near = _nearest(str(name), hints)
+                hint = f" did you mean {key}[{i}].{near}?" if near else ""
+                raise ConfigError(f"unknown key '{name}' in {key}[{i}] ({origin});{hint} keys are: {', '.join(hints)}")
             setattr(obj, name, _coerce(v, hints[name], f"{key}[{i}].{name}"))
         items.append(obj)
     return items
@@ -187,18 +311,26 @@ def _node(tree: dict, path: list[str], origin: str) -> dict:
     return tree
 
 
+def _unknown_section(section: str, key: str | None, origin: str) -> None:
+    """Raise the error for a section name that is not one, with the nearest one."""
+    sections = [f.name for f in fields(Config)]
+    near = _nearest(str(section), sections)
+    hint = f" did you mean {near}{'.' + str(key) if key is not None else ''}?" if near else ""
+    raise ConfigError(f"unknown config section '{section}' ({origin});{hint} sections are: {', '.join(sections)}")
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
-        raise ConfigError(f"unknown config section '{section}' ({origin}); sections are: {', '.join(sections)}")
+        _unknown_section(section, key, origin)
     if section == "deepspeed":  # free-form: DeepSpeed's own keys, checked in validation
         _set_deepspeed(cfg.deepspeed, str(key).split("."), value, origin)
         return
     sub = getattr(cfg, section)
     hints = get_type_hints(type(sub))
     if key not in hints:
-        raise ConfigError(
-            f"unknown config key '{section}.{key}' ({origin}); keys of '{section}' are: {', '.join(hints)}")
+        raise ConfigError(f"unknown config key '{section}.{key}' ({origin});{_key_hint(section, str(key))} "
+                          f"keys of '{section}' are: {', '.join(hints)}")
     if (section, key) == ("data", "blend"):
         sub.blend = _blend(value, origin)
         return
@@ -207,7 +339,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
 
 def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20")
+        name, _, raw = text.partition("=")
+        owners = [s for s, keys in _all_keys().items() if name.strip() in keys]
+        hint = f"; did you mean {' or '.join(f'{o}.{name.strip()}={raw}' for o in owners)}?" if owners else ""
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.steps=20{hint}")
     key, raw = text.split("=", 1)
     section, name = key.split(".", 1)
     # YAML parsing gives ints/floats/bools/null the same meaning as in the config file.
@@ -235,6 +370,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if section == "growth":
                 cfg.growth = _growth(values, str(path))
                 continue
+            if section not in {f.name for f in fields(Config)}:
+                _unknown_section(section, None, str(path))
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' in {path} must be a mapping of key: value")
             for key, value in values.items():

@@ -82,109 +82,152 @@ def freeze_layout_problem(cfg: Config) -> str | None:
     return None
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Refuse impossible settings before any work. With world_size, also check the layout."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    """Refuse impossible settings before any work. With world_size, also check the layout.
+    The checks run in this order, so the first error reported is the same whatever else is wrong."""
+    _check_model(cfg)
+    _check_parallel(cfg)
+    _check_train(cfg)
+    _check_data_log_eval(cfg, world_size)
+    _check_growth(cfg)
+    _check_deepspeed(cfg)
+    if world_size is not None:
+        _check_world(cfg, world_size)
+    _check_precision_and_pipeline(cfg)
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
 
+def _check_model(cfg: Config) -> None:
+    """The model's sizes: positive, heads dividing the width, an even number of rotary dims."""
+    m = cfg.model
     for key in ("num_layers", "hidden_size", "num_heads", *TOKEN_KEYS, "seq_length", "vocab_multiple"):
-        need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
-    need(m.hidden_size % m.num_heads == 0,
-         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-         f"pick num_heads among {_valid_heads(m, cfg.parallel.tensor)}")
+        _need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be a positive integer")
+    _need(m.hidden_size % m.num_heads == 0,
+          f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+          f"pick num_heads among {_valid_heads(m, cfg.parallel.tensor)}")
     head_dim = m.hidden_size // m.num_heads
     rot = int(head_dim * m.rotary_pct)
-    need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct={m.rotary_pct} must be within [0, 1]")
-    need(rot % 2 == 0, f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim={head_dim}; "
-                       "it must be even: change model.rotary_pct or model.num_heads")
-    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be within [0, 1)")
+    _need(0.0 <= m.rotary_pct <= 1.0, f"model.rotary_pct={m.rotary_pct} must be within [0, 1]")
+    _need(rot % 2 == 0, f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim={head_dim}; "
+                        "it must be even: change model.rotary_pct or model.num_heads")
+    _need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be within [0, 1)")
     if m.vocab_size is not None:
-        need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
+        _need(m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be at least 2")
+
+
+def _check_parallel(cfg: Config) -> None:
+    """Parallel sizes, and the model's sizes they must divide."""
+    m, p = cfg.model, cfg.parallel
     for key in ("tensor", "pipeline"):
-        need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
-    need(p.zero_stage in (0, 1, 2),
-         f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2 (ZeRO-3 is not supported: tensor parallelism "
-         "already shards the parameter tokens, and checkpoints are written per parameter from stages 0-2)")
+        _need(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
+    _need(p.zero_stage in (0, 1, 2),
+          f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2 (ZeRO-3 is not supported: tensor parallelism "
+          "already shards the parameter tokens, and checkpoints are written per parameter from stages 0-2)")
     for key in TOKEN_KEYS:
-        need(getattr(m, key) % p.tensor == 0,
-             f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")
-    need(m.num_heads % p.tensor == 0,
-         f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
-    need(m.num_layers >= p.pipeline,
-         f"model.num_layers={m.num_layers} is fewer than parallel.pipeline={p.pipeline} stages")
-    need(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
-    need(t.global_batch_size % t.micro_batch_size == 0,
-         f"train.global_batch_size={t.global_batch_size} is not divisible by "
-         f"train.micro_batch_size={t.micro_batch_size}")
-    need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-    need(t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps={t.decay_steps} must be >= 1 or null")
-    need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
-    need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
-         f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
-    need(t.exit_after_minutes is None or t.exit_after_minutes > 0,
-         f"train.exit_after_minutes={t.exit_after_minutes} must be > 0 or null")
-    need(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1),
-         f"train.spike_factor={t.spike_factor} must be a number > 1 (a loss above that multiple of its running "
-         "mean is a spike; 2 or 3 are usual) or null (off)")
-    need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
-    need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
-    need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
-    _validate_blend(cfg, need)
-    need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
-    need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
-         "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
-    _validate_tasks(cfg, need, world_size)
-    need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
-         "checkpoint.interval and checkpoint.keep_last must be >= 0")
+        _need(getattr(m, key) % p.tensor == 0,
+              f"model.{key}={getattr(m, key)} is not divisible by parallel.tensor={p.tensor}")
+    _need(m.num_heads % p.tensor == 0,
+          f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    _need(m.num_layers >= p.pipeline,
+          f"model.num_layers={m.num_layers} is fewer than parallel.pipeline={p.pipeline} stages")
+
+
+def _check_train(cfg: Config) -> None:
+    """Batch sizes, step counts, the learning-rate schedule and the spike/clip settings."""
+    t = cfg.train
+    _need(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _need(t.global_batch_size % t.micro_batch_size == 0,
+          f"train.global_batch_size={t.global_batch_size} is not divisible by "
+          f"train.micro_batch_size={t.micro_batch_size}")
+    _need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _need(t.decay_steps is None or t.decay_steps >= 1, f"train.decay_steps={t.decay_steps} must be >= 1 or null")
+    _need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
+          f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    _need(t.exit_after_minutes is None or t.exit_after_minutes > 0,
+          f"train.exit_after_minutes={t.exit_after_minutes} must be > 0 or null")
+    _need(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1),
+          f"train.spike_factor={t.spike_factor} must be a number > 1 (a loss above that multiple of its running "
+          "mean is a spike; 2 or 3 are usual) or null (off)")
+    _need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
+    _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+def _check_data_log_eval(cfg: Config, world_size: int | None) -> None:
+    """The data, log, eval and checkpoint sections."""
+    _need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
+    _validate_blend(cfg, _need)
+    _need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
+    _need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
+          "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
+    _validate_tasks(cfg, _need, world_size)
+    _need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 0,
+          "checkpoint.interval and checkpoint.keep_last must be >= 0")
+
+
+def _check_growth(cfg: Config) -> None:
+    """Growth stages: in step order inside the run, each appending tokens the tensor size divides."""
+    p, t = cfg.parallel, cfg.train
     prev_step, stages = 0, cfg.model_stages()
     for i, g in enumerate(cfg.growth):
-        need(prev_step < g.at_step < t.steps,
-             f"growth[{i}].at_step={g.at_step} must lie after the previous stage ({prev_step}) and before "
-             f"train.steps={t.steps}")
+        _need(prev_step < g.at_step < t.steps,
+              f"growth[{i}].at_step={g.at_step} must lie after the previous stage ({prev_step}) and before "
+              f"train.steps={t.steps}")
         prev_step = g.at_step
         for key in TOKEN_KEYS:
             old, new = getattr(stages[i], key), getattr(stages[i + 1], key)
-            need(new >= old, f"growth[{i}].{key}={new} would shrink the model ({old} before); growth only "
-                             "appends tokens")
-            need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
-        need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
-                                         "or ffn_tokens")
-        need(g.warmup_steps is None or g.warmup_steps >= 0,
-             f"growth[{i}].warmup_steps={g.warmup_steps} must be >= 0 or null (train.warmup_steps)")
+            _need(new >= old, f"growth[{i}].{key}={new} would shrink the model ({old} before); growth only "
+                              "appends tokens")
+            _need(new % p.tensor == 0, f"growth[{i}].{key}={new} is not divisible by parallel.tensor={p.tensor}")
+        _need(stages[i + 1] != stages[i], f"growth[{i}] changes no token count; give qkv_tokens, proj_tokens "
+                                          "or ffn_tokens")
+        _need(g.warmup_steps is None or g.warmup_steps >= 0,
+              f"growth[{i}].warmup_steps={g.warmup_steps} must be >= 0 or null (train.warmup_steps)")
         end = cfg.segment_end(i + 1)
-        need(0 <= g.freeze_old_steps <= end - g.at_step,
-             f"growth[{i}].freeze_old_steps={g.freeze_old_steps} must be >= 0 and end by the next growth or "
-             f"train.steps (at most {end - g.at_step})")
+        _need(0 <= g.freeze_old_steps <= end - g.at_step,
+              f"growth[{i}].freeze_old_steps={g.freeze_old_steps} must be >= 0 and end by the next growth or "
+              f"train.steps (at most {end - g.at_step})")
         if g.freeze_old_steps:
-            need(freeze_layout_problem(cfg) is None, f"growth[{i}].freeze_old_steps: {freeze_layout_problem(cfg)}")
-    _check_deepspeed(cfg)
-    if world_size is not None:
-        mp = p.tensor * p.pipeline
-        need(world_size % mp == 0,
-             f"world size {world_size} does not factor into parallel.tensor={p.tensor} x "
-             f"parallel.pipeline={p.pipeline} x data; launch a multiple of {mp} processes")
-        dp = world_size // mp
-        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
-             f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
-             f"{t.micro_batch_size * dp}")
-    need(t.precision == "fp32" or p.zero_stage >= 1,
-         f"train.precision={t.precision} needs parallel.zero_stage>=1: checkpoints read and reshard the fp32 master "
-         "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
-         "data-parallel rank costs nothing)")
+            _need(freeze_layout_problem(cfg) is None, f"growth[{i}].freeze_old_steps: {freeze_layout_problem(cfg)}")
+
+
+def _check_world(cfg: Config, world_size: int) -> None:
+    """The launched processes: a multiple of tensor x pipeline, and a global batch that splits over data."""
+    p, t = cfg.parallel, cfg.train
+    mp = p.tensor * p.pipeline
+    _need(world_size % mp == 0,
+          f"world size {world_size} does not factor into parallel.tensor={p.tensor} x "
+          f"parallel.pipeline={p.pipeline} x data; launch a multiple of {mp} processes")
+    dp = world_size // mp
+    _need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+          f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+          f"{t.micro_batch_size} x data-parallel size {dp}; valid global batch sizes are multiples of "
+          f"{t.micro_batch_size * dp}")
+
+
+def _check_precision_and_pipeline(cfg: Config) -> None:
+    """Combinations DeepSpeed or our checkpoints cannot run: 16-bit without ZeRO, and what the
+    pipeline engine refuses."""
+    p, t = cfg.parallel, cfg.train
+    _need(t.precision == "fp32" or p.zero_stage >= 1,
+          f"train.precision={t.precision} needs parallel.zero_stage>=1: checkpoints read and reshard the fp32 master "
+          "weights and Adam moments per parameter, which DeepSpeed offers from ZeRO-1 on (ZeRO-1 on one "
+          "data-parallel rank costs nothing)")
     if p.pipeline > 1:
-        need(t.spike_factor is None,
-             f"train.spike_factor={t.spike_factor} is not supported with parallel.pipeline={p.pipeline}: DeepSpeed's "
-             "pipeline engine applies the update inside its batch, before the loss can be judged; set "
-             "train.spike_factor=null (non-finite steps are still skipped)")
-        need(t.compile is not True, "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
-        need(p.zero_stage <= 1,
-             f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
-             "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
-             "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+        _need(t.spike_factor is None,
+              f"train.spike_factor={t.spike_factor} is not supported with parallel.pipeline={p.pipeline}: DeepSpeed's "
+              "pipeline engine applies the update inside its batch, before the loss can be judged; set "
+              "train.spike_factor=null (non-finite steps are still skipped)")
+        _need(t.compile is not True,
+              "train.compile=true is not supported with parallel.pipeline>1; set train.compile=false")
+        _need(p.zero_stage <= 1,
+              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
+              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
+              "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
 
 
 def _validate_tasks(cfg: Config, need, world_size: int | None) -> None:

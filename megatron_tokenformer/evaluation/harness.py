@@ -38,44 +38,51 @@ def task_manager(data_dir: str | Path | None = None):
 
 
 @contextlib.contextmanager
-def quiet_lm_eval(progress: bool = True):
-    """lm-eval logs every task it builds at INFO and repeats warnings per task: keep its errors only.
-    Without `progress`, also silence its per-task progress bar and datasets' (training logs lines)."""
+def quiet_lm_eval():
+    """Keep the backend's own scoring bar the only progress bar of a run: lm-eval logs every task it
+    builds at INFO, repeats warnings per task and draws a bar per task while building requests;
+    datasets draws one per task file read ("Generating train split") and per map over the documents.
+    Only errors are kept from both."""
     import datasets
     import lm_eval.api.task as lm_task
     from datasets.utils import logging as ds_logging
 
     log = logging.getLogger("lm_eval")
-    level, bars, task_tqdm = log.level, ds_logging.is_progress_bar_enabled(), lm_task.tqdm
+    level, ds_level, task_tqdm = log.level, ds_logging.get_verbosity(), lm_task.tqdm
+    bars = ds_logging.is_progress_bar_enabled()
     log.setLevel(logging.ERROR)
-    if not progress:
-        datasets.disable_progress_bars()
-        lm_task.tqdm = functools.partial(task_tqdm, disable=True)  # build_all_requests' bar has no switch
+    ds_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    lm_task.tqdm = functools.partial(task_tqdm, disable=True)  # build_all_requests' bar has no switch
     try:
         yield
     finally:
         log.setLevel(level)
+        ds_logging.set_verbosity(ds_level)
         lm_task.tqdm = task_tqdm
         if bars:
             datasets.enable_progress_bars()
 
 
 def run_tasks(lm, tasks: list[str], limit: int | None = None, data_dir: str | Path | None = None,
-              bootstrap_iters: int = 0, progress: bool = True) -> dict | None:
+              bootstrap_iters: int = 0, log_samples: bool = False) -> dict | None:
     """lm-eval's results dict for `tasks` (zero-shot) on rank 0, None on other ranks.
 
     `limit`: the first N documents of each task. `bootstrap_iters`: lm-eval's stderr resampling for
-    metrics without a closed form (LAMBADA perplexity); 0 skips it."""
+    metrics without a closed form (LAMBADA perplexity); 0 skips it. `log_samples`: also each
+    document's requests and answers, under results["samples"][task] (lm-eval's own records).
+    The one progress bar shown is the backend's own (its `progress` argument)."""
     from lm_eval.evaluator import evaluate
 
     where = offline.check_prepared(tasks, data_dir)
-    with quiet_lm_eval(progress):
+    with quiet_lm_eval():
         loaded = task_manager(where).load(tasks)
         for task in loaded["tasks"].values():  # what simple_evaluate does for a zero-shot run
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=1234)
-        return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
+        return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
+                        log_samples=log_samples)
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:

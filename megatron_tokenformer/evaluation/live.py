@@ -91,7 +91,7 @@ def evaluate_tasks(engine, cfg, ps: D.ParallelState, vocab: int, tokenizer, devi
     model = full_model(engine, cfg, ps, vocab, device)
     lm = TokenFormerLM(model=model, tokenizer=tokenizer, batch_size=cfg.train.micro_batch_size, device=str(device),
                        rank=ps.grid.rank, world_size=ps.grid.world_size, progress=False)
-    results = run_tasks(lm, list(cfg.eval.tasks), cfg.eval.tasks_limit, cfg.eval.tasks_data, progress=False)
+    results = run_tasks(lm, list(cfg.eval.tasks), cfg.eval.tasks_limit, cfg.eval.tasks_data)
     flat = None
     if ps.grid.rank == 0:
         flat = {f"eval/{t}/{m}": v for t, ms in scores(results).items() for m, v in ms.items()}

@@ -18,6 +18,7 @@ lm-eval's evaluator splits the documents over the processes.
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (before register_model below: see the note there)
 import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
@@ -34,6 +35,10 @@ class EvalError(UserError, ValueError):
     """A bad evaluation input (argument, task, data); the message names the fix."""
 
 
+# lm-eval 0.4.13's get_model() imports lm_eval.models, which registers its own backends (hf, vllm,
+# ...), only while the model registry is empty. Registering our name first would leave it non-empty
+# and hide them all ("no model for this name found! Supported model names: megatron_tokenformer"),
+# so lm_eval.models is imported above, before the decorator (harmless where it registers eagerly).
 @register_model("megatron_tokenformer")
 class TokenFormerLM(TemplateLM):
     """lm-eval's `LM` API over a TokenFormerModel on one process."""
@@ -104,8 +109,9 @@ class TokenFormerLM(TemplateLM):
         return tqdm(total=total, desc=desc, disable=not self.progress)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """lm-eval's TemplateLM.loglikelihood (its text-to-token rules), with our progress setting."""
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+        """lm-eval's TemplateLM.loglikelihood (its text-to-token rules), without its "Tokenizing inputs"
+        bar: the scoring bar below is the one a run shows."""
+        return super().loglikelihood(requests, disable_tqdm=True)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) strings, context ids, continuation ids), as TemplateLM makes them."""
