@@ -12,7 +12,7 @@ import psutil
 # by python) or their modules under `python -m`. Only these count: a rank started by hand, or a
 # `deepspeed` runner whose own parent (the user's shell) exits under nohup, must keep training.
 _LAUNCHERS = {"deepspeed", "ds", "torchrun", "deepspeed.launcher.runner", "deepspeed.launcher.launch",
-              "torch.distributed.run"}
+              "torch.distributed.run", "torch.distributed.launch"}
 
 
 def _launcher_name(pid: int) -> str | None:

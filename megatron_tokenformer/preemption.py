@@ -10,7 +10,7 @@ before a wall-clock limit.
 A signal to one launcher process often never reaches the ranks: DeepSpeed's runner (`deepspeed`,
 single node) installs no handler and dies at once, leaving its `deepspeed.launcher.launch` and the
 ranks running under PID 1; `deepspeed.launcher.launch` and torchrun die at once of SIGUSR1 (they
-handle SIGTERM only: they pass it on). So a rank also stops when a launcher above it is gone
+pass SIGTERM on, not SIGUSR1). So a rank also stops when a launcher above it is gone
 (`LauncherWatch`): the same agreement, the same checkpoint and exit 0, and the launcher left below
 then exits by itself once its ranks have.
 """
@@ -27,6 +27,7 @@ from .launcher_watch import LauncherWatch
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _NONE, _TIME, _STOP = 0, 1, 2  # a stop request (signal, launcher gone) outranks the time limit in the message
+
 
 class StopRequests:
     def __init__(self, exit_after_minutes: float | None, dev: torch.device):
