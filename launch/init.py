@@ -31,7 +31,10 @@ def _own_group() -> None:
     if os.isatty(0):
         # A background group that sets the terminal's foreground group gets SIGTTOU: block it meanwhile.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
-        os.tcsetpgrp(0, os.getpgrp())
+        try:
+            os.tcsetpgrp(0, os.getpgrp())
+        except OSError:  # a terminal that is not ours (no controlling terminal): nothing to hand over
+            pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTTOU})
 
 
