@@ -12,8 +12,9 @@
 # Stopping: `docker stop -t 120 <container>` (or Kubernetes' terminationGracePeriodSeconds) must leave
 # time for the step in flight and the checkpoint; the default 10 s (30 s) ends in SIGKILL. PID 1 is
 # launch/init.py: it passes the SIGTERM on to the whole process group of the command and exits only
-# once every process of the run has (README, "Stopping a run"). Not tini / `docker run --init`: they
-# exit as soon as the command does, and `deepspeed` dies at once of SIGTERM while its ranks still save.
+# once every process of the run has (README, Clusters, "Preemption, stopping"). Not tini (`docker run
+# --init`): it exits as soon as the command does, and `deepspeed` dies at once of SIGTERM while its
+# ranks still save; the container's end would kill them.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 
 ENV PYTHONUNBUFFERED=1 \
