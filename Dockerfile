@@ -9,6 +9,12 @@
 # same way (docker run --rm -v $PWD/data:$M/data megatron-tokenformer <that command>; the comments at
 # the top of the config say what it needs), then train with --config configs/150M.yml (or 354M.yml, ...).
 # .git is not copied, so runs from the image record no git revision.
+# Stopping: `docker stop -t 120 <container>` (or Kubernetes' terminationGracePeriodSeconds) must leave
+# time for the step in flight and the checkpoint; the default 10 s (30 s) ends in SIGKILL. PID 1 is
+# launch/init.py: it passes the SIGTERM on to the whole process group of the command and exits only
+# once every process of the run has (README, Clusters, "Preemption, stopping"). Not tini (`docker run
+# --init`): it exits as soon as the command does, and `deepspeed` dies at once of SIGTERM while its
+# ranks still save; the container's end would kill them.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 
 ENV PYTHONUNBUFFERED=1 \
@@ -20,4 +26,5 @@ COPY setup.py README.md ./
 RUN mkdir -p megatron_tokenformer && touch megatron_tokenformer/__init__.py && pip install --no-cache-dir -e '.[dev]'
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
+ENTRYPOINT ["python", "/workspace/megatron_tokenformer/launch/init.py"]
 CMD ["bash"]
