@@ -24,6 +24,7 @@ setup(
         "datasets>=3.0",
         "wandb>=0.18",
         "tqdm",
+        "psutil",  # launcher_watch: a rank notices its launcher is gone (DeepSpeed needs it too)
         "safetensors",
         "tokenizers>=0.19",  # the GPT-NeoX tokenizer of the released models
         # tools/prepare_data.py runs on datatrove (pinned to the minor version: the preparation uses its
