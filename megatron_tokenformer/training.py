@@ -379,7 +379,7 @@ class Trainer:
             else:
                 path = save_load.save(*args, tokenizer_file=self.data.tokenizer_path)
         except Exception as e:
-            self.monitor.alert("checkpoint save failed", f"step {self.step}: {e}", "ERROR")
+            self._failed_save(f"step {self.step}: {e}")
             raise
         self.saved_at = self.step
         return path
@@ -392,9 +392,15 @@ class Trainer:
             try:
                 path = pending.wait()
             except Exception as e:
-                self.monitor.alert("checkpoint save failed", f"{pending.path}: {e}", "ERROR")
+                self._failed_save(f"{pending.path}: {e}")
                 raise
             self.monitor.message(f"step {self.step}: {path} is complete")
+
+    def _failed_save(self, text: str) -> None:
+        """Alert, and finish W&B: the run is about to stop (the launcher leaves by os._exit, so
+        whatever W&B has not sent by then is lost)."""
+        self.monitor.alert("checkpoint save failed", text, "ERROR")
+        self.monitor.close()
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (agreed by all); if so, the state is saved."""
