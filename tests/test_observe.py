@@ -138,6 +138,7 @@ def _scaler(rank, world):
     import deepspeed
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # adopts the test's process group
     model = torch.nn.Linear(4, 4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                                       config={"train_batch_size": world, "zero_optimization": {"stage": 1},
