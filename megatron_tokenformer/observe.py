@@ -206,8 +206,10 @@ def _model_sum(value: float, ps, dev: torch.device) -> float:
 @torch.no_grad()
 def params_norm(module: nn.Module, ps, pipelined: bool) -> float:
     """L2 norm of all the model's parameters (as the forward uses them), each counted once."""
-    sq = sum((p.double().square().sum().item() for p in _owned_parameters(module, ps, pipelined)), 0.0)
+    # in fp64: an fp32 reduction over millions of elements is off by 1e-5 relative
+    norms = [torch.linalg.vector_norm(p, dtype=torch.float64) for p in _owned_parameters(module, ps, pipelined)]
     dev = next(module.parameters()).device
+    sq = torch.stack(norms).square().sum().item() if norms else 0.0  # one device sync
     return math.sqrt(_model_sum(sq, ps, dev))
 
 
@@ -217,11 +219,13 @@ def count_zero_grads(module: nn.Module, ps, pipelined: bool) -> int:
     safe_get_full_grad: the full gradient of each parameter whatever the ZeRO stage)."""
     from deepspeed.utils import safe_get_full_grad
 
-    zeros = 0
+    dev = next(module.parameters()).device
+    counts = []
     for p in _owned_parameters(module, ps, pipelined):
         g = safe_get_full_grad(p)
-        zeros += int((g == 0).sum().item()) if g is not None else p.numel()
-    return int(_model_sum(float(zeros), ps, next(module.parameters()).device))
+        counts.append((g == 0).sum() if g is not None else torch.tensor(p.numel(), device=dev))
+    zeros = int(torch.stack(counts).sum().item()) if counts else 0  # one device sync
+    return int(_model_sum(float(zeros), ps, dev))
 
 
 # ---- parameter-token usage ---------------------------------------------------------------------
