@@ -1,4 +1,4 @@
-"""What a run reports beyond its loss (README "Monitoring", DESIGN.md section 9): the step-time
+"""What a run reports beyond its loss (README "Monitoring", docs/DESIGN.md "Observability"): the step-time
 breakdown, memory, MFU, optimizer health, and how the Pattention layers use their parameter tokens."""
 from __future__ import annotations
 
