@@ -122,7 +122,7 @@ class Trainer:
         self.opt_hook.install(self.engine)
         self.peak = observe.peak_flops(torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu",
                                        cfg.train.precision, cfg.log.peak_tflops)
-        self.flops_done = (meta.get("flops", meta["consumed_samples"] * cfg.model.seq_length * self.flops_per_token)
+        self.flops_done = (meta.get("train_flops", meta["consumed_samples"] * cfg.model.seq_length * self.flops_per_token)
                            if resume else 0.0)  # model FLOPs trained so far (a growth changes FLOPs per token)
         self.window = _Window()
         self.in_trouble = 0  # consecutive skipped steps: a non-finite loss or gradients, or a loss spike
@@ -302,8 +302,8 @@ class Trainer:
         """The logged row's timers, memory (max over ranks), mfu, loss scale, norms (README "Monitoring");
         every rank calls (collectives)."""
         cfg, out = self.cfg, {}
-        out["tokens"] = self.batches.consumed_samples * cfg.model.seq_length  # trained so far, growths included
-        out["flops"] = self.flops_done
+        out["train_tokens"] = self.batches.consumed_samples * cfg.model.seq_length  # trained so far, growths included
+        out["train_flops"] = self.flops_done
         if self.timer:
             out.update(self.timer.values())
         out.update(observe.max_over_ranks(observe.memory(self.dev), self.dev))
@@ -369,7 +369,7 @@ class Trainer:
         """Save this step (after the checkpoint still being written, if any, is complete). `background`:
         return once this rank's part is copied to host memory; `wait_for_save()` completes it."""
         self.wait_for_save()
-        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state(), "flops": self.flops_done}
+        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state(), "train_flops": self.flops_done}
         args = (self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples, self.run_info,
                 self.vocab, self.data.tokenizer_sha256, extra)
         try:

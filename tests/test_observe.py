@@ -53,7 +53,7 @@ def test_each_row_holds_the_breakdown_memory_mfu_norms_tokens_and_alerts(corpus,
         assert 0.05 < r["mem/rss_gb"] and "mem/max_allocated_gb" not in r  # a CPU run: host memory only
         assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-9)  # peak 1 TFLOP/s, one device
         assert "loss_scale" not in r  # fp32
-        assert r["tokens"] == r["samples"] * 64 and r["flops"] == pytest.approx(r["tokens"] * flops_per_token)
+        assert r["train_tokens"] == r["samples"] * 64 and r["train_flops"] == pytest.approx(r["train_tokens"] * flops_per_token)
         assert r["params_norm"] > 0 and r["zero_grads"] == 0  # every parameter gets gradient here
         for block in (0, 1):
             for proj in PROJ:
@@ -151,6 +151,7 @@ def _scaler(rank, world):
     assert observe.loss_scale(engine) == 2.0**15
 
 
+@pytest.mark.slow
 def test_token_usage_is_the_same_at_any_tensor_size():
     run_on_ranks(2, _usage_at, {"qkv": [12, 16], "proj": [8, 8], "ffn": [20, 32]})  # stages across shards
 
@@ -192,7 +193,7 @@ def test_plot_run_draws_a_run_with_a_growth(tmp_path, capsys):
         d.mkdir()
         lines = []
         for step in range(1, 7):
-            row = {"step": step, "loss": 6 - step / 3, "tokens": step * 512, "flops": step * 1e9,
+            row = {"step": step, "loss": 6 - step / 3, "train_tokens": step * 512, "train_flops": step * 1e9,
                    "tokens_per_sec": 1000.0, "step_ms": 10.0, "step_ms/data": 1.0, "step_ms/forward_backward": 7.0,
                    "step_ms/optimizer": 1.5, "step_ms/other": 0.5, "tokens/mean/ffn/effective": 50 + step}
             if grow and step >= grow:

@@ -50,8 +50,8 @@ def draw(runs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> None:
     for i, (name, (rows, growths)) in enumerate(runs.items()):
         c = colors[i % len(colors)]
         train = [r for r in rows if "loss" in r]
-        ax_tok.plot(*series(train, "tokens", "loss"), color=c, label=name)
-        ax_flops.plot(*series(train, "flops", "loss"), color=c, label=name)
+        ax_tok.plot(*series(train, "train_tokens", "loss"), color=c, label=name)
+        ax_flops.plot(*series(train, "train_flops", "loss"), color=c, label=name)
         ax_tps.plot(*series(train, "step", "tokens_per_sec"), color=c, label=name)
         # the step-time breakdown: stacked for one run, a line per part (and run) for several
         timed = [r for r in train if "step_ms" in r]
@@ -76,7 +76,7 @@ def draw(runs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> None:
                 ax_share.plot(*zip(*shares), color=c if several else None, linestyle=style if several else "-",
                               marker=".", label=label)
         for g in growths:
-            for ax, key in ((ax_tok, "tokens"), (ax_flops, "flops")):
+            for ax, key in ((ax_tok, "train_tokens"), (ax_flops, "train_flops")):
                 x = at_step(train, g["step"], key)
                 if x is not None:
                     ax.axvline(x, color=c, linestyle=":", alpha=0.7)
