@@ -22,7 +22,6 @@ from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
 from .data import load_data, train_batches, valid_batches
-from .deepspeed_adapter import loss_scaler_state
 from .engine import (build_engine, check_precision, deepspeed_config, speed_choices, step_functions,
                      unknown_deepspeed_keys)
 from .errors import UserError
@@ -122,8 +121,9 @@ class Trainer:
         self.opt_hook.install(self.engine)
         self.peak = observe.peak_flops(torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu",
                                        cfg.train.precision, cfg.log.peak_tflops)
-        self.flops_done = (meta.get("train_flops", meta["consumed_samples"] * cfg.model.seq_length * self.flops_per_token)
-                           if resume else 0.0)  # model FLOPs trained so far (a growth changes FLOPs per token)
+        # model FLOPs trained so far (a growth changes FLOPs per token; an older checkpoint: estimated)
+        self.flops_done = meta.get("train_flops", meta["consumed_samples"] * cfg.model.seq_length
+                                   * self.flops_per_token) if resume else 0.0
         self.window = _Window()
         self.in_trouble = 0  # consecutive skipped steps: a non-finite loss or gradients, or a loss spike
         self.spikes_in_trouble = 0  # how many of those were spikes
@@ -202,6 +202,7 @@ class Trainer:
         if self.timer:
             self.timer.lap("data")
         self.opt_hook.count_zeros = self.cfg.log.zero_grads and self._logs_at(self.step + 1)
+        self.opt_hook.zero_grads = None
         loss = self.steps.train(self.engine, micros, judge)
         if self.timer:
             self.timer.lap("forward_backward")
@@ -416,8 +417,8 @@ class Trainer:
             self.wait_for_save()
             self.monitor.message(f"step {self.step}: {reason}; saved the checkpoint and stopping. Run the same "
                                  "command to resume")
-        self.monitor.alert("run stopped", f"step {self.step}: {reason}; "
-                           + (f"saved, at step {self.step}" if not self.in_trouble else "not saved (inside skipped steps)"))
+        saved = f"saved, at step {self.step}" if not self.in_trouble else "not saved (inside skipped steps)"
+        self.monitor.alert("run stopped", f"step {self.step}: {reason}; {saved}")
         return True
 
     def finish(self) -> dict:
