@@ -241,66 +241,70 @@ def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_usage(layer: Pattention, x: torch.Tensor, bounds: list[int] | None) -> list[dict[str, float]]:
+def layer_usage(layer: Pattention, x: torch.Tensor, labels: torch.Tensor | None) -> list[dict[str, float]]:
     """For each group of `layer` (q, k, v, or the one), given its input `x`: the attention weights
     A = theta(x K^T) with the layer's own normalisation; each input token's distribution over the
     parameter tokens |A| / sum |A| (softmax: A / tau itself); p its mean over the input tokens.
-    Returns {"effective": exp(entropy of p), "share_stage<k>": mass of p on tokens [bounds[k-1],
-    bounds[k]) (bounds[-1] = 0)}. The tokens may be sharded over the layer's tensor group: row sums,
-    entropy and shares are summed over it, so every rank gets the TP=1 numbers."""
+    Returns {"effective": exp(entropy of p), "share_stage<k>": the mass of p on the tokens whose
+    growth stage (`labels`, one per global token; None: no shares) is k}. The tokens may be sharded
+    over the layer's tensor group: row sums, entropy and shares are summed over it, so every rank
+    gets the TP=1 numbers."""
     grp = layer.tp_group
-    if layer.input == "sharded" and grp is not None and dist.get_world_size(grp) > 1:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(grp))]
+    if layer.input == "sharded" and M.group_size(grp) > 1:
+        parts = [torch.empty_like(x) for _ in range(M.group_size(grp))]
         dist.all_gather(parts, x.contiguous(), group=grp)
         x = torch.cat(parts, dim=-1)
     x = x.reshape(-1, layer.in_features)
-    k = layer.key_tokens if layer.groups > 1 else layer.key_tokens.unsqueeze(0)      # (g, n_local, in)
+    k = layer.key_tokens if layer.groups > 1 else layer.key_tokens.unsqueeze(0)  # (g, n_local, in)
     g, n_local, _ = k.shape
     scores = (x @ k.reshape(g * n_local, -1).t()).view(-1, g, n_local)
     w = theta(scores, layer.norm, layer.tau, group=grp).double().abs()
-    w = w / _group_sum(w.sum(-1, keepdim=True), grp).clamp_min(1e-300)              # rows sum to 1
-    p = w.mean(0)                                                                       # (g, n_local)
-    p = p / _group_sum(p.sum(-1, keepdim=True), grp).clamp_min(1e-300)               # an all-zero row
-    first = M.group_rank(grp) * n_local  # global index of p[:, 0]
-    idx = torch.arange(first, first + n_local, device=p.device)
-    cols = [-(p * torch.log(p.clamp_min(1e-300))).sum(-1)]                            # entropy parts
-    edges = [0, *(bounds or [])]
-    for lo, hi in zip(edges, edges[1:]):
-        cols.append((p * ((idx >= lo) & (idx < hi))).sum(-1))
-    stats = _group_sum(torch.stack(cols, -1), grp).tolist()                            # (g, 1 + stages)
-    out = []
-    for row in stats:
-        d = {"effective": math.exp(row[0])}
-        for stage, (lo, hi, share) in enumerate(zip(edges, edges[1:], row[1:])):
-            if hi > lo:  # a stage that added tokens to this projection
-                d[f"share_stage{stage}"] = share
-        out.append(d)
-    return out
+    w = w / _group_sum(w.sum(-1, keepdim=True), grp).clamp_min(1e-300)  # each row sums to 1
+    p = w.mean(0)  # (g, n_local)
+    p = p / _group_sum(p.sum(-1, keepdim=True), grp).clamp_min(1e-300)  # (a row of zeros sums to 0)
+    cols = [-(p * torch.log(p.clamp_min(1e-300))).sum(-1)]  # this rank's part of the entropy
+    stages = []
+    if labels is not None:
+        first = M.group_rank(grp) * n_local  # rank r holds global tokens [r n_local, (r+1) n_local)
+        mine = labels.to(p.device)[first:first + n_local]
+        stages = [s for s in range(int(labels.max()) + 1) if bool((labels == s).any())]  # stages that added tokens
+        cols += [(p * (mine == s)).sum(-1) for s in stages]
+    stats = _group_sum(torch.stack(cols, -1), grp).tolist()  # (g, 1 + stages)
+    return [{"effective": math.exp(row[0]), **{f"share_stage{s}": v for s, v in zip(stages, row[1:])}}
+            for row in stats]
 
 
-def stage_bounds(model_stages: list, stage: int) -> dict[str, list[int]] | None:
-    """Per Pattention kind, the token count after each model stage up to `stage` (tokens of stage k
-    are [bounds[k-1], bounds[k])); None before any growth (no shares to log)."""
-    if stage == 0:
-        return None
-    return {kind: [getattr(m, key) for m in model_stages[:stage + 1]] for kind, key in TOKEN_KEYS.items()}
+def stage_labels(lineage: list[dict], n: int, key: str) -> torch.Tensor | None:
+    """The growth stage of each of the n global tokens of one Pattention kind (`key`: qkv_tokens,
+    proj_tokens or ffn_tokens): 0 for the first ones, k for those the k-th growth of `lineage`
+    appended. A growth over T tensor shards places its new tokens after each shard's old ones,
+    [old_0; new_0; old_1; new_1; ...] (growth/expand.py), so the labels follow that order. None
+    without growths, or where the lineage does not say (an entry without `shards`, other counts)."""
+    labels = None
+    for stage, e in enumerate(lineage, 1):
+        before, after, shards = e["tokens_before"][key], e["tokens_after"][key], e.get("shards")
+        labels = torch.zeros(before, dtype=torch.long) if labels is None else labels
+        if shards is None or labels.numel() != before:
+            return None
+        add = (after - before) // shards
+        labels = torch.cat([t for old in labels.chunk(shards) for t in (old, torch.full((add,), stage))])
+    return labels if labels is not None and labels.numel() == n else None
 
 
-def token_usage(module: nn.Module, forward: Callable[[], object], bounds: dict[str, list[int]] | None,
+def token_usage(module: nn.Module, forward: Callable[[], object], lineage: list[dict] | None = None,
                 name_of: Callable[[str], str] = lambda n: n) -> dict[str, float]:
     """Run `forward` (one validation micro-batch through the model or this pipeline stage) and
     return `tokens/block<i>/<projection>/<stat>` for the Pattention layers of `module` (whose
-    module names `name_of` maps to TokenFormerModel's "blocks.<i>.<kind>"). Every tensor rank
-    returns the same numbers. Compiled blocks run eager here (the hooks run collectives)."""
+    module names `name_of` maps to TokenFormerModel's "blocks.<i>.<kind>"); `lineage`: the growths
+    (meta.json's), for the shares. Every tensor rank returns the same numbers. Compiled blocks run
+    eager here (the hooks run collectives)."""
     found: dict[str, float] = {}
 
     def hook(name: str):
         def pre(layer: Pattention, args):
             _, block, kind = name_of(name).split(".")
-            b = bounds.get(kind) if bounds else None
-            if b is not None and b[-1] != layer.num_tokens:
-                b = None  # a model grown outside this config's growth list: stages unknown
-            for proj, stats in zip(PROJECTIONS[kind], layer_usage(layer, args[0], b)):
+            labels = stage_labels(lineage, layer.num_tokens, TOKEN_KEYS[kind]) if lineage else None
+            for proj, stats in zip(PROJECTIONS[kind], layer_usage(layer, args[0], labels)):
                 found.update({f"tokens/block{block}/{proj}/{k}": v for k, v in stats.items()})
         return pre
 

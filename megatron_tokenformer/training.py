@@ -326,7 +326,7 @@ class Trainer:
         name_of = (lambda n: global_name(n, layers)) if cfg.parallel.pipeline > 1 else (lambda n: n)
         self.engine.eval()
         stats = observe.token_usage(self.engine.module, lambda: self.steps.eval(self.engine, [micro]),
-                                    observe.stage_bounds(cfg.model_stages(), self.growth.stage), name_of)
+                                    self.growth.lineage, name_of)
         self.engine.train()
         return observe.with_means(observe.merge_over_ranks(stats))  # pipeline stages hold different layers
 

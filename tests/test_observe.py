@@ -115,9 +115,9 @@ def test_a_stop_by_time_limit_is_an_alert(corpus, tmp_path):
     assert title == "run stopped" and text.startswith("step 1: train.exit_after_minutes") and "saved, at step 1" in text
 
 
-def _usage_at(rank, world, bounds):
+def _usage_at(rank, world, lineage):
     """Token usage of a TP=world model against the TP=1 model of the same seed (it holds the TP=1
-    numbers, sliced), on the same batch, for each normalisation; shares with growth-stage bounds."""
+    numbers, sliced), on the same batch, for each normalisation; shares for two growths."""
     group = dist.new_group(list(range(world)))
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(5))
     for norm in ("l2_norm_gelu", "gelu_l2_norm", "softmax"):
@@ -125,9 +125,9 @@ def _usage_at(rank, world, bounds):
                           seq_length=16, norm=norm)
         ref = TokenFormerModel(cfg, 96, seed=3).eval()
         tp = TokenFormerModel(cfg, 96, tp_group=group, seed=3).eval()
-        want = observe.token_usage(ref, lambda: ref(ids), bounds)
-        got = observe.token_usage(tp, lambda: tp(ids), bounds)
-        assert got.keys() == want.keys() and len(want) == 5 + 2 + 2 + 2 + 1 + 2, sorted(want)
+        want = observe.token_usage(ref, lambda: ref(ids), lineage)
+        got = observe.token_usage(tp, lambda: tp(ids), lineage)
+        assert got.keys() == want.keys() and len(want) == 3 * 4 + 2 + 4, sorted(want)  # proj never grew
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-5), (norm, k, got[k], v)
 
@@ -153,9 +153,31 @@ def _scaler(rank, world):
     assert observe.loss_scale(engine) == 2.0**15
 
 
+def _growth(before: tuple, after: tuple, shards: int) -> dict:
+    keys = ("qkv_tokens", "proj_tokens", "ffn_tokens")
+    return {"tokens_before": dict(zip(keys, before)), "tokens_after": dict(zip(keys, after)), "shards": shards}
+
+
+# Two growths to the test model's (16, 8, 32) tokens; the second's over 2 shards interleaves its tokens.
+LINEAGE = [_growth((8, 8, 16), (12, 8, 24), 1), _growth((12, 8, 24), (16, 8, 32), 2)]
+
+
 @pytest.mark.slow
 def test_token_usage_is_the_same_at_any_tensor_size():
-    run_on_ranks(2, _usage_at, {"qkv": [12, 16], "proj": [8, 8], "ffn": [20, 32]})  # stages across shards
+    run_on_ranks(2, _usage_at, LINEAGE)
+
+
+def test_stage_labels_follow_the_grown_order():
+    """The growth stage of each token, against the freeze's independent rule for the old rows."""
+    from megatron_tokenformer.growth.freeze import old_rows
+
+    # growth 1 appends 4 to the 8: [0]*8 + [1]*4; growth 2 appends 2 after each half of those 12
+    assert observe.stage_labels(LINEAGE, 16, "qkv_tokens").tolist() == [0] * 6 + [2] * 2 + [0] * 2 + [1] * 4 + [2] * 2
+    assert observe.stage_labels(LINEAGE, 8, "proj_tokens").tolist() == [0] * 8
+    for shards in (1, 2, 4):
+        labels = observe.stage_labels([_growth((64, 64, 128), (96, 64, 160), shards)], 160, "ffn_tokens")
+        assert torch.equal(labels == 0, old_rows(128, 160, shards, 0, 1)), shards
+    assert observe.stage_labels([{**LINEAGE[0], "shards": None}], 12, "qkv_tokens") is None  # an older lineage
 
 
 def test_loss_scale_reads_deepspeeds_scaler():
