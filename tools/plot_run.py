@@ -69,9 +69,9 @@ def draw(runs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> None:
             label = f"{name} {proj}" if several else proj
             ax_eff.plot(*series(rows, "step", f"tokens/mean/{proj}/effective"), color=c if several else None,
                         linestyle=style if several else "-", marker=".", label=label)
-            shares = [(r["step"], sum(v for k, v in r.items() if k.startswith(f"tokens/mean/{proj}/share_stage")
-                                      and not k.endswith("share_stage0")))
-                      for r in rows if f"tokens/mean/{proj}/share_stage0" in r]
+            added = [[v for k, v in r.items() if k.startswith(f"tokens/mean/{proj}/share_stage")
+                      and not k.endswith("share_stage0")] for r in rows]
+            shares = [(r["step"], sum(a)) for r, a in zip(rows, added) if a]  # a projection that grew
             if shares:
                 ax_share.plot(*zip(*shares), color=c if several else None, linestyle=style if several else "-",
                               marker=".", label=label)
