@@ -40,7 +40,7 @@ setup(
         "eval": EVAL,
         # The tests cover export and evaluation, and read datatrove's and megatron-core's Megatron files
         # (megatron-core's IndexedDatasetBuilder is the independent writer; it needs torch, installed first).
-        "dev": ["pytest>=8", "pytest-timeout", *HF, *EVAL, "megatron-core>=0.16"],
+        "dev": ["pytest>=8", "pytest-timeout", *HF, *EVAL, "megatron-core>=0.16", "matplotlib"],
         "experiments": ["matplotlib"],
         "data": [],  # kept so `pip install -e '.[data]'` still works: zstandard is in the base install now
         "ray": ["ray>=2.9"],  # tools/prepare_data.py --executor ray, on a running Ray cluster

@@ -66,6 +66,13 @@ class Monitor:
             if lineage is not None:
                 self.wandb_run.config.update({"lineage": lineage}, allow_val_change=True)
 
+    def alert(self, title: str, text: str, level: str = "WARN") -> None:
+        """A W&B alert (email/Slack with W&B online; recorded in the run file offline); none without W&B."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level))
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from . import distributed as D
+from . import observe
 from .checkpoint import save_load
 from .checkpoint.files import read_meta
 from .config import Config, padded_vocab_size, validate
@@ -29,6 +30,7 @@ from .fileio import LockError, RunLock
 from .growth.controller import GrowthController
 from .model import TokenFormerModel, count_parameters, model_flops_per_token
 from .monitor import Monitor, report_finished
+from .pipeline import global_name
 from .preemption import StopRequests
 from .seeding import seed_dropout
 
@@ -123,6 +125,16 @@ class Trainer:
             (cfg.run_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=1))
         self.monitor = Monitor(cfg, self.grid.is_logger, self.run_info, self.step)
         self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
+        # README "Monitoring": the step-time parts (synchronised on CUDA), the optimizer's time and zero
+        # gradients measured inside DeepSpeed's model step, the device's peak for mfu.
+        self.timer = observe.StepTimer(sync=self.dev.type == "cuda") if cfg.log.step_timers else None
+        self.opt_hook = observe.OptimizerHook(self.timer, self.ps, cfg.parallel.pipeline > 1)
+        self.opt_hook.install(self.engine)
+        self.peak = observe.peak_flops(torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu",
+                                       cfg.train.precision, cfg.log.peak_tflops)
+        # model FLOPs trained so far (a growth changes FLOPs per token; an older checkpoint: estimated)
+        self.flops_done = meta.get("train_flops", meta["consumed_samples"] * cfg.model.seq_length
+                                   * self.flops_per_token) if resume else 0.0
         self.window = _Window()
         self.in_trouble = 0  # consecutive skipped steps: a non-finite loss or gradients, or a loss spike
         self.spikes_in_trouble = 0  # how many of those were spikes
@@ -171,11 +183,14 @@ class Trainer:
             self.wait_for_save()  # growth reads the checkpoint
             engine, self.engine = self.engine, None  # the controller frees it before building the grown one
             self.engine, entry = self.growth.grow(engine, self.step, self.ps, self.vocab)
+            self.opt_hook.install(self.engine)
             self.n_params, self.flops_per_token = _size(self.growth.run, self.vocab)
             self.monitor.event(self.step, "growth", {**entry["tokens_after"], "params": self.n_params,
                                                      "params_before": entry["params_before"]}, self.growth.lineage)
             self.monitor.message(f"step {self.step}: grew to {self.n_params / 1e6:.2f}M parameters "
                                  f"({', '.join(f'{k}={v}' for k, v in entry['tokens_after'].items())})")
+            if self.cfg.log.token_stats_interval:  # the grown model's usage, a row after the growth event
+                self.monitor.log(self.step, self.token_stats())
 
     def train_step(self) -> None:
         """One optimizer step over the global batch; its loss averaged over data parallel."""
@@ -185,12 +200,24 @@ class Trainer:
         self.lr = self.engine.get_lr()[0]
         skipped_before = self.engine.skipped_steps
         judge = self._judge if self.cfg.train.spike_factor else None
+        if self.timer:
+            self.timer.begin()
         micros = self.batches.next_step()
         if _TEST_RECORD_BATCHES:
             _record_batches(self.step + 1, self.grid, micros)
-        loss = self.steps.train(self.engine, [m.to(self.dev) for m in micros], judge)
+        if _TEST_DATA_DELAY_MS:
+            time.sleep(_TEST_DATA_DELAY_MS / 1e3)
+        micros = [m.to(self.dev) for m in micros]
+        if self.timer:
+            self.timer.lap("data")
+        self.opt_hook.count_zeros = self.cfg.log.zero_grads and self._logs_at(self.step + 1)
+        self.opt_hook.zero_grads = None
+        loss = self.steps.train(self.engine, micros, judge)
+        if self.timer:
+            self.timer.lap("forward_backward")
         self.window.data_wait_ms += self.batches.wait_ms  # the next step's batches are read meanwhile
         self.step += 1
+        self.flops_done += self.flops_per_token * self.cfg.train.global_batch_size * self.cfg.model.seq_length
         self.growth.after_step(self.step)  # frozen old tokens (freeze_old_steps) written back
         for note in self.batches.notes():  # e.g. a blended source starting its next epoch
             self.monitor.message(note)
@@ -203,9 +230,10 @@ class Trainer:
             self.in_trouble += 1
             self.spikes_in_trouble += 1
             self.metrics.update(self.spike)
-            self.monitor.message(f"step {self.step}: loss {loss:.4f} is above train.spike_factor="
+            self.monitor.message(text := f"step {self.step}: loss {loss:.4f} is above train.spike_factor="
                                  f"{self.cfg.train.spike_factor:g} x the running mean {self.spike['spike_mean']:.4f}, "
                                  f"update skipped ({self.in_trouble} in a row)")
+            self.monitor.alert("loss spike", text)
         elif self.engine.skipped_steps > skipped_before or not math.isfinite(loss):
             self.in_trouble += 1
             self.monitor.message(f"step {self.step}: non-finite loss or gradients, update skipped "
@@ -213,8 +241,13 @@ class Trainer:
         else:
             self.in_trouble = self.spikes_in_trouble = 0
             self.loss_mean.add(loss)  # only losses of applied updates enter the mean
+        if self.in_trouble and self.in_trouble == self.cfg.log.alert_skipped_steps:
+            self.monitor.alert("skipped steps", f"step {self.step}: {self.in_trouble} consecutive steps skipped "
+                               f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps} stops the run)")
         self.loss = loss
         self.window.add(loss)
+        if self.timer:
+            self.timer.end()
 
     def _judge(self, local_loss: float) -> bool:
         """Called by the train step before the update (train.spike_factor): whether this batch's loss
@@ -242,7 +275,11 @@ class Trainer:
                                 data_wait_ms=self.window.data_wait_ms / self.window.steps,
                                 samples=self.batches.consumed_samples, skipped_steps=int(self.engine.skipped_steps),
                                 **self.batches.log_values())  # a blend's realised shares
+            self.metrics.update(self._health(tokens / elapsed))
             self.window.reset()
+        if cfg.log.token_stats_interval and self.step % cfg.log.token_stats_interval == 0:
+            with self.window.paused():
+                self.metrics.update(self.token_stats())
         if self.metrics:
             self.monitor.log(self.step, self.metrics)
             self.last = {"step": self.step, **self.metrics}
@@ -267,6 +304,40 @@ class Trainer:
                 f"stopped. The newest checkpoint, {good or 'none'}, was saved before the trouble: resume "
                 "from it with a lower train.lr, a tighter train.grad_clip or train.precision=fp32, or "
                 "raise train.max_skipped_steps")
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.log.interval == 0 or step == self.cfg.train.steps
+
+    def _health(self, tokens_per_sec: float) -> dict:
+        """The logged row's timers, memory (max over ranks), mfu, loss scale, norms (README "Monitoring");
+        every rank calls (collectives)."""
+        cfg, out = self.cfg, {}
+        out["train_tokens"] = self.batches.consumed_samples * cfg.model.seq_length  # trained so far, growths included
+        out["train_flops"] = self.flops_done
+        if self.timer:
+            out.update(self.timer.values())
+        out.update(observe.max_over_ranks(observe.memory(self.dev), self.dev))
+        if self.peak:  # per device: the run's model FLOP/s shared by its ranks
+            out["mfu"] = observe.mfu(self.flops_per_token, tokens_per_sec / self.grid.world_size, self.peak)
+        if cfg.train.precision == "fp16":
+            out["loss_scale"] = observe.loss_scale(self.engine)
+        out["params_norm"] = observe.params_norm(self.engine.module, self.ps, cfg.parallel.pipeline > 1)
+        if cfg.log.zero_grads and self.opt_hook.zero_grads is not None:
+            out["zero_grads"] = self.opt_hook.zero_grads
+        return out
+
+    def token_stats(self) -> dict:
+        """tokens/block<i>/<projection>/effective (and share_stage<k> after a growth), with the means
+        over layers, on the first validation micro-batch (the same on every rank); every rank calls."""
+        cfg = self.cfg
+        micro = next(iter(valid_batches(self.valid_set, cfg.train.micro_batch_size, 0, 1, 1))).to(self.dev)
+        layers = self.growth.run.model.num_layers
+        name_of = (lambda n: global_name(n, layers)) if cfg.parallel.pipeline > 1 else (lambda n: n)
+        self.engine.eval()
+        stats = observe.token_usage(self.engine.module, lambda: self.steps.eval(self.engine, [micro]),
+                                    self.growth.lineage, name_of)
+        self.engine.train()
+        return observe.with_means(observe.merge_over_ranks(stats))  # pipeline stages hold different layers
 
     def evaluate_if_due(self) -> None:
         every = self.cfg.eval.interval
@@ -309,14 +380,18 @@ class Trainer:
         """Save this step (after the checkpoint still being written, if any, is complete). `background`:
         return once this rank's part is copied to host memory; `wait_for_save()` completes it."""
         self.wait_for_save()
-        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state()}
+        extra = self.growth.checkpoint_meta() | {"loss_mean": self.loss_mean.state(), "train_flops": self.flops_done}
         args = (self.engine, self.growth.run, self.grid, self.step, self.batches.consumed_samples, self.run_info,
                 self.vocab, self.data.tokenizer_sha256, extra)
-        if background:
-            self.pending = save_load.AsyncSave(*args, tokenizer_file=self.data.tokenizer_path)
-            path = self.pending.path
-        else:
-            path = save_load.save(*args, tokenizer_file=self.data.tokenizer_path)
+        try:
+            if background:
+                self.pending = save_load.AsyncSave(*args, tokenizer_file=self.data.tokenizer_path)
+                path = self.pending.path
+            else:
+                path = save_load.save(*args, tokenizer_file=self.data.tokenizer_path)
+        except Exception as e:
+            self._failed_save(f"step {self.step}: {e}")
+            raise
         self.saved_at = self.step
         return path
 
@@ -325,8 +400,18 @@ class Trainer:
         the loop pause the throughput window around it)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            path = pending.wait()
+            try:
+                path = pending.wait()
+            except Exception as e:
+                self._failed_save(f"{pending.path}: {e}")
+                raise
             self.monitor.message(f"step {self.step}: {path} is complete")
+
+    def _failed_save(self, text: str) -> None:
+        """Alert, and finish W&B: the run is about to stop (the launcher leaves by os._exit, so
+        whatever W&B has not sent by then is lost)."""
+        self.monitor.alert("checkpoint save failed", text, "ERROR")
+        self.monitor.close()
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (agreed by all); if so, the state is saved."""
@@ -342,6 +427,8 @@ class Trainer:
             self.wait_for_save()
             self.monitor.message(f"step {self.step}: {reason}; saved the checkpoint and stopping. Run the same "
                                  "command to resume")
+        saved = f"saved, at step {self.step}" if not self.in_trouble else "not saved (inside skipped steps)"
+        self.monitor.alert("run stopped", f"step {self.step}: {reason}; {saved}")
         return True
 
     def finish(self) -> dict:
@@ -394,6 +481,11 @@ class RunningMean:
 # Test hook: steps (comma-separated) whose loss train.spike_factor judges 1000 times too large, as a
 # real loss spike would be (tests/test_spikes.py). Only the judged and logged value is scaled.
 _TEST_SPIKES = {int(s) for s in os.environ.get("MEGATRON_TOKENFORMER_TEST_SPIKES", "").split(",") if s.strip()}
+
+
+# Test hook: milliseconds every rank sleeps while reading each step's batches (tests/test_observe.py:
+# step_ms/data holds it).
+_TEST_DATA_DELAY_MS = float(os.environ.get("MEGATRON_TOKENFORMER_TEST_DATA_DELAY_MS", "0"))
 
 
 # Test hook: a directory where every rank writes the micro-batches it trains on, as

@@ -29,6 +29,7 @@ from megatron_tokenformer.baseline import GPTModel, gpt_flops_per_token
 from megatron_tokenformer.config import load_config
 from megatron_tokenformer.generation import Sampling, generate
 from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
+from megatron_tokenformer.observe import mfu  # the formula the training run's `mfu` uses
 from megatron_tokenformer.pattention import Pattention
 from megatron_tokenformer.planner import saved_tensor_bytes, tp_bytes_per_token
 
@@ -97,7 +98,7 @@ class Variant:
         tokens = self.ids.shape[0] * (self.ids.shape[1] - 1)
         return {"variant": self.name, "step_ms": 1e3 * step_s, "tokens_per_sec": tokens / step_s,
                 "flops_per_token": self.flops_per_token, "tflops": self.flops_per_token * tokens / step_s / 1e12,
-                "mfu": self.flops_per_token * tokens / step_s / self.peak,
+                "mfu": mfu(self.flops_per_token, tokens / step_s, self.peak),
                 "activation_bytes_per_token": self.act_bytes / tokens,
                 "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if measure_memory else None,
                 "warmup_s": self.warm_s, "final_loss": loss.item()}

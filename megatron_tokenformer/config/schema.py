@@ -206,6 +206,20 @@ class LogConfig:
     lock: bool = True
     """Hold a lock on the run directory, so a second launch into it stops with a message instead of
     corrupting it (set false only on a filesystem without file locks)."""
+    step_timers: bool = True
+    """Log step_ms and its parts (step_ms/data, /forward_backward, /optimizer, /other). On GPU each
+    part boundary synchronises the device (a cost stated in docs/PERFORMANCE.md); false: no timers."""
+    peak_tflops: Optional[float] = None
+    """The device's peak TFLOP/s at train.precision, for `mfu` on a device not in observe.PEAK_TFLOPS
+    (None: the table's value for the GPU; no mfu on a CPU or an unknown GPU)."""
+    zero_grads: bool = False
+    """Log zero_grads, the number of gradient elements exactly zero at each logged step (one extra
+    pass over the gradients)."""
+    token_stats_interval: int = 0
+    """Every this many steps (and at each growth) log how each Pattention layer uses its parameter
+    tokens, on one validation micro-batch (tokens/... keys, README "Monitoring"); 0: never."""
+    alert_skipped_steps: int = 3
+    """With W&B on, send a W&B alert when this many consecutive steps were skipped (0: never)."""
 
 
 # The zero-shot tasks eval.tasks may name (evaluation/offline.py holds their files' splits and counts).

@@ -162,6 +162,9 @@ def _check_data_log_eval(cfg: Config, world_size: int | None) -> None:
     _need(0 < cfg.data.valid_fraction < 1, f"data.valid_fraction={cfg.data.valid_fraction} must be within (0, 1)")
     _validate_blend(cfg, _need)
     _need(cfg.log.interval >= 1, f"log.interval={cfg.log.interval} must be >= 1")
+    _need(cfg.log.token_stats_interval >= 0 and cfg.log.alert_skipped_steps >= 0
+          and (cfg.log.peak_tflops is None or cfg.log.peak_tflops > 0),
+          "log.token_stats_interval and log.alert_skipped_steps must be >= 0 (0: off), log.peak_tflops > 0")
     _need(cfg.eval.interval >= 0 and cfg.eval.steps >= 1,
           "eval.interval must be >= 0 (0 disables) and eval.steps >= 1")
     _validate_tasks(cfg, _need, world_size)

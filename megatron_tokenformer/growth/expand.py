@@ -172,6 +172,7 @@ def expand_checkpoint(src: str | Path, dst: str | Path, counts: dict[str, int], 
              "tokens_before": {k: getattr(model, k) for k in TOKEN_KEYS},
              "tokens_after": {k: getattr(new_model, k) for k in TOKEN_KEYS},
              "params_before": count_params(state), "params_after": count_params(new_state),
+             "shards": T,  # the new tokens' places in the global order (observe.stage_labels reads it)
              "options": dataclasses.asdict(opts) | {"seed": seed}}
     new_meta = dict(meta)
     new_meta["config"] = {**meta["config"], "model": dataclasses.asdict(new_model)}
