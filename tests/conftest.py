@@ -8,6 +8,16 @@ sys.path.insert(0, str(ROOT))
 
 import pytest
 
+# pytest.ini gives every test 300 s; a test marked slow (launchers, several ranks, a run of many steps)
+# gets this much, unless it names its own with @pytest.mark.timeout.
+SLOW_TIMEOUT = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
