@@ -59,7 +59,9 @@ def test_load_model_from_any_layout_and_export(runs, tmp_path):
         for name in ("pp2", "tp2pp2"):
             got = load_model(runs[name])[0](ids)
             err = (got - ref).abs().max() / ref.abs().max()
-            assert err < 1e-4, (name, err.item())  # the layouts train the same model
+            # the layouts train the same model: the README's 1e-5 (7e-7 here after 3 steps: fp32 sums in
+            # another order across tensor and pipeline ranks)
+            assert err < 1e-5, (name, err.item())
     # export: one safetensors file + config.json, read back into the same logits
     out = subprocess.run([sys.executable, "tools/export.py", "--load", str(runs["tp2pp2"]), "--out",
                           str(tmp_path / "exp")], cwd=ROOT, env=env(), capture_output=True, text=True)

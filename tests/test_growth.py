@@ -101,14 +101,17 @@ def test_growth_is_exact_and_new_tokens_train(norm, shards):
                           (GrowthOptions(value_init="zero"), False)):
         src2, _, state2, _, _ = _grown(norm, shards, opts)
         with torch.no_grad():
-            assert (_rel(_model(big, state2)(_ids()), src2(_ids())) > 1e-3) == changed, opts
+            err = _rel(_model(big, state2)(_ids()), src2(_ids()))
+        # unchanged: held to the exact growth's 1e-6 (the same sums, 3e-7 with 2 shards); changed: by
+        # 0.32 at least here, so 0.1 tells a changed function from rounding on any CPU
+        assert (err < 1e-6 if not changed else err > 0.1), (opts, err)
         assert opts.warnings(norm)
 
 
 def test_softmax_growth_is_not_exact_and_says_so():
     src, big, state, _, _ = _grown("softmax", 1)
     with torch.no_grad():
-        assert _rel(_model(big, state)(_ids()), src(_ids())) > 1e-3
+        assert _rel(_model(big, state)(_ids()), src(_ids())) > 0.1  # 0.58 here: changed, not rounding
     assert "softmax" in GrowthOptions().warnings("softmax")[0]
 
 
