@@ -27,3 +27,16 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "shakespeare"
     prepare_default(out, vocab_size=512, num_proc=1, log=lambda *a: None)
     return out
+
+
+@pytest.fixture
+def reap():
+    """reap(proc): a process the test started itself (subprocess.Popen) is killed with everything it
+    started if it is still running when the test ends (a failed assertion, a timeout)."""
+    from helpers import kill_tree
+
+    started = []
+    yield started.append
+    for proc in started:
+        if proc.poll() is None:
+            kill_tree(proc.pid)

@@ -99,7 +99,7 @@ def test_a_background_save_blocks_only_for_the_copy_to_host_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_during_a_background_write_keeps_the_previous_checkpoint(corpus, tmp_path):
+def test_killed_during_a_background_write_keeps_the_previous_checkpoint(corpus, tmp_path, reap):
     args = RUN + [f"data.path={corpus}"]
     straight = tmp_path / "straight"
     launch(args + [f"log.dir={straight}"], nproc=2)  # direct saves
@@ -113,6 +113,7 @@ def test_killed_during_a_background_write_keeps_the_previous_checkpoint(corpus, 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), HOOKS_ENV: json.dumps({"write_delay": 1.0})},
                                 stdout=log, stderr=subprocess.STDOUT)
+        reap(proc)
 
         # Kill while step 4's files are being written (1 s per file) and training has gone on to step 5.
         def in_flight():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import ROOT, env, launch, losses
 
 RUN = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
@@ -31,7 +33,8 @@ def _wait_for(pred, proc, timeout=120.0):
     return False
 
 
-def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
+@pytest.mark.slow
+def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path, reap):
     args = RUN + [f"data.path={corpus}"]
     launch(args + [f"log.dir={tmp_path / 'straight'}"], launcher="python")
     want = losses(tmp_path / "straight")
@@ -66,6 +69,7 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
         before = logged()
         started_ns = time.time_ns()
         proc, log = _start(args + [f"log.dir={run}"], log_path)
+        reap(proc)
         started = _wait_for(lambda: "TokenFormer:" in log_path.read_text(), proc, timeout=600.0)
         assert started or proc.returncode == 0, log_path.read_text()[-3000:]
         if kills["write"] < kills["step"]:  # during a checkpoint write: as soon as this attempt stages one
@@ -92,6 +96,7 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
     assert got == want  # bit-exact: weights, optimizer, data position and dropout RNG all restored
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
     """An absurd learning rate blows the weights up after step 1: steps 2.. have non-finite gradients,
     DeepSpeed skips their updates, the loop counts them and stops after train.max_skipped_steps with
