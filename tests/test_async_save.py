@@ -22,6 +22,8 @@ from hooked_pretrain import HOOKS_ENV
 from megatron_tokenformer.checkpoint import newest_good, verify
 from megatron_tokenformer.distributed import free_port
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 RUN = SMALL + ["train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=0", "model.dropout=0.1"]
 
 
@@ -90,7 +92,6 @@ def _save_blocks_only_for_the_copy(rank, world, root):
         _same_checkpoint(cfg.checkpoint_dir / "step_00000001", direct.checkpoint_dir / "step_00000001")
 
 
-@pytest.mark.slow
 def test_a_background_save_blocks_only_for_the_copy_to_host_memory(tmp_path):
     """The README's promise for checkpoint.async_save, as structure rather than speed: with every file
     write held, the save returns; training steps on; released, the checkpoint is the state at the save,
@@ -98,7 +99,6 @@ def test_a_background_save_blocks_only_for_the_copy_to_host_memory(tmp_path):
     run_on_ranks(2, _save_blocks_only_for_the_copy, tmp_path)
 
 
-@pytest.mark.slow
 def test_killed_during_a_background_write_keeps_the_previous_checkpoint(corpus, tmp_path, reap):
     args = RUN + [f"data.path={corpus}"]
     straight = tmp_path / "straight"

@@ -14,6 +14,8 @@ from megatron_tokenformer import load_model
 from megatron_tokenformer.checkpoint import (CheckpointError, checkpoint_tokenizer, global_state_dict, newest_good,
                                              verify)
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 DEEP = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
         "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
         "train.global_batch_size=8", "log.interval=1", "log.progress=false", "eval.interval=0",

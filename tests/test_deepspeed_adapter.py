@@ -61,6 +61,7 @@ def _check_engine(rank, world, overrides):
         assert ends == p.numel()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["parallel.zero_stage=0"], ["parallel.zero_stage=1"],
                                        ["parallel.zero_stage=2"], ["parallel.zero_stage=1", "train.precision=bf16"]])
 def test_optimizer_state_round_trip(overrides):
@@ -114,5 +115,6 @@ def _check_skip(rank, world):
         del engine
 
 
+@pytest.mark.slow
 def test_a_skipped_update_changes_nothing_at_every_zero_stage():
     run_on_ranks(2, _check_skip)

@@ -11,6 +11,8 @@ import pytest
 
 from helpers import ROOT, env, launch, losses
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 RUN = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
        "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=4",
        "train.global_batch_size=8", "log.interval=1", "log.progress=false", "eval.interval=0",
@@ -33,7 +35,6 @@ def _wait_for(pred, proc, timeout=120.0):
     return False
 
 
-@pytest.mark.slow
 def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path, reap):
     args = RUN + [f"data.path={corpus}"]
     launch(args + [f"log.dir={tmp_path / 'straight'}"], launcher="python")
@@ -96,7 +97,6 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path, reap):
     assert got == want  # bit-exact: weights, optimizer, data position and dropout RNG all restored
 
 
-@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
     """An absurd learning rate blows the weights up after step 1: steps 2.. have non-finite gradients,
     DeepSpeed skips their updates, the loop counts them and stops after train.max_skipped_steps with

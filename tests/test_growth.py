@@ -128,6 +128,7 @@ def _tp2_body(rank, world, shards):
             assert _rel(torch.cat(gathered, -1), src(_ids())) < 1e-6, norm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2])
 def test_growth_is_exact_at_tensor_2(shards):
     run_on_ranks(2, _tp2_body, shards)
@@ -162,6 +163,7 @@ def source(corpus, tmp_path_factory):
     return run / "checkpoints"
 
 
+@pytest.mark.slow
 def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus, source, tmp_path):
     from megatron_tokenformer import load_model
     from megatron_tokenformer.checkpoint import checkpoint_tokenizer
@@ -201,6 +203,7 @@ def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus,
     assert list(losses(run)) == [3]
 
 
+@pytest.mark.slow
 def test_bad_expansions_are_refused_and_leave_the_source_alone(source, tmp_path):
     before = _tree_hash(source)
     cases = [(["--ffn-tokens", 32], "would shrink"),
@@ -221,6 +224,7 @@ def test_bad_expansions_are_refused_and_leave_the_source_alone(source, tmp_path)
     assert _tree_hash(source) == before
 
 
+@pytest.mark.slow
 def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, tmp_path):
     """2 steps, grow, 2 more, at tensor=2 and at pipeline=2. The manual route (tensor=2): the source
     run, expand, resume."""
@@ -256,6 +260,7 @@ def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, t
     assert lineage[-1]["step"] == 2 and lineage[-1]["parent_run"] == json.loads((run / "run_info.json").read_text())["wandb_id"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_growing_resumes_to_the_same_losses(corpus, tmp_path):
     """SIGKILL as soon as the grown checkpoint starts being written (step_2_grown.partial), then
     relaunch: the run resumes from the pre-growth checkpoint, grows again and logs the losses of a

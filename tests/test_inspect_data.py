@@ -167,6 +167,7 @@ def train_and_compare(capsys, tmp_path, overrides, nproc, dp, hooks=None) -> dic
     return batches
 
 
+@pytest.mark.slow
 def test_step_is_what_tensor_parallel_trained_on(capsys, tmp_path, data):
     """Shuffled order over a two-file dataset, TP=2: both tensor ranks read the batch --step shows."""
     ours = data["root"] / "ours"
@@ -180,6 +181,7 @@ def test_step_is_what_tensor_parallel_trained_on(capsys, tmp_path, data):
     assert not np.array_equal(batches[1][:, 0], stream[0:B * SEQ:SEQ])
 
 
+@pytest.mark.slow
 def test_step_is_what_pipeline_parallel_trained_on_from_a_blend(capsys, tmp_path, data):
     """A blend of two datasets, PP=2: every stage's batch is the one --step shows; the text form names
     each sample's source."""
@@ -197,6 +199,7 @@ def test_step_is_what_pipeline_parallel_trained_on_from_a_blend(capsys, tmp_path
     assert batches[2].shape == (B, SEQ + 1)
 
 
+@pytest.mark.slow
 def test_step_is_what_data_parallel_trained_on_in_stored_order_and_a_spike_names_its_step(capsys, tmp_path, data):
     """Pythia's order (data.order=stored, a megatron-core prefix, a separate data.valid_path), DP=2: the
     step logged as N trains rows (N-1)*B ... N*B-1; a loss spike's metrics row names a step whose batch
@@ -292,6 +295,7 @@ def test_summary(capsys, data):
     assert "checksums: none recorded (a Megatron dataset from elsewhere)" in out
 
 
+@pytest.mark.slow
 def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
     ours = tmp_path / "ours"
     shutil.copytree(data["root"] / "ours", ours)

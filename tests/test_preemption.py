@@ -75,6 +75,7 @@ def _check_stopped_and_resumed(corpus, run, straight, out, nproc, launcher="torc
     assert losses(run) == straight  # bit for bit, dropout included
 
 
+@pytest.mark.slow
 def test_sigterm_under_python_saves_exits_0_and_resumes(corpus, tmp_path):
     run = tmp_path / "run"
     args = RUN + [f"data.path={corpus}", f"train.steps={STEPS}", "checkpoint.interval=0"]
@@ -87,6 +88,7 @@ def test_sigterm_under_python_saves_exits_0_and_resumes(corpus, tmp_path):
     assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))  # continued, nothing twice
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(corpus, tmp_path, straight):
     """SLURM's --signal=USR1@90 may reach one process: the ranks agree after the step in flight."""
     run = tmp_path / "run"
@@ -102,6 +104,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(corpus, tmp_path,
     _check_stopped_and_resumed(corpus, run, straight, out, nproc=2)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_deepspeed_launch_group(corpus, tmp_path, straight):
     """A scheduler signals the whole process group: the launcher passes SIGTERM on too (and exits
     1 itself, its own choice); the ranks finish the step, save and exit 0."""
@@ -120,6 +123,7 @@ def test_sigterm_to_the_deepspeed_launch_group(corpus, tmp_path, straight):
     _check_stopped_and_resumed(corpus, run, straight, out, nproc=2, launcher="deepspeed")
 
 
+@pytest.mark.slow
 def test_exit_after_minutes(corpus, tmp_path):
     run = tmp_path / "run"
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=100000",
@@ -129,6 +133,7 @@ def test_exit_after_minutes(corpus, tmp_path):
     assert stopped < 100000 and (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_one_run_per_directory(corpus, tmp_path):
     run = tmp_path / "run"
     args = SMALL + [f"data.path={corpus}", "train.steps=100000"]
@@ -164,6 +169,7 @@ def test_a_filesystem_without_locks_is_named(tmp_path, monkeypatch):
         RunLock(tmp_path)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_train_the_single_process_model(corpus, tmp_path):
     """Two torchrun "nodes" of 2 ranks each meet at a localhost rendezvous: TP=2 inside a node,
     DP=2 across. Their losses equal one process's; global ranks name the files (never local ones)."""

@@ -1,11 +1,16 @@
 """Loss spikes (train.spike_factor): a step whose loss is far above the running mean has its update
 skipped and is logged, the run goes on, resume stays exact; spikes in a row stop the run. The spikes
-are injected by a test hook (tests/hooked_pretrain.py) that scales the judged loss of chosen steps 1000 times (that the update
-itself is left bit-identical is tested on the engines in test_deepspeed_adapter.py)."""
+are injected by a test hook (tests/hooked_pretrain.py) that scales the judged loss of chosen steps
+1000 times (that the update itself is left bit-identical is tested on the engines in
+test_deepspeed_adapter.py)."""
 import shutil
+
+import pytest
 
 from helpers import SMALL, launch, losses, metrics
 from megatron_tokenformer.checkpoint import newest_good, read_meta
+
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
 
 RUN = SMALL + ["train.steps=10", "train.spike_factor=3", "train.spike_window=3", "train.warmup_steps=2",
                "checkpoint.interval=1", "checkpoint.keep_last=0"]

@@ -15,6 +15,8 @@ from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 
 def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
     run = tmp_path / "run"
@@ -134,7 +136,6 @@ def test_dp2_matches_dp1(corpus, tmp_path, dp1_losses, zero_stage, launcher):
     assert dp2[5] < dp2[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tensor, nproc", [(2, 2), (2, 4), (4, 4), (4, 8)])
 def test_tensor_parallel_training_matches_single_rank(corpus, tmp_path, dp1_losses, tensor, nproc):
     """TP=2, TP=2 x DP=2, TP=4 (one head per rank) and TP=4 x DP=2 log the losses of TP=1 x DP=1 over
@@ -211,7 +212,6 @@ FP16, _ = _accelerator_support("fp16")
 BF16, BF16_WHY = _accelerator_support("bf16")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not BF16, reason=BF16_WHY)
 def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
     launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5", "train.precision=bf16"], nproc=1)
@@ -224,7 +224,6 @@ def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
         assert loss == pytest.approx(dp1_losses[step], abs=5e-3), (step, bf16, dp1_losses)
 
 
-@pytest.mark.slow
 def test_fp16_unsupported_is_a_clear_error(corpus, tmp_path):
     """Where the accelerator has no fp16 (a CPU without avx512_fp16/AMX-FP16), the run refuses
     train.precision=fp16 in one line before building anything. (Where it has fp16, the test tells it
@@ -236,7 +235,6 @@ def test_fp16_unsupported_is_a_clear_error(corpus, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_fp16_trains_close_to_fp32_and_resumes(corpus, tmp_path, dp1_losses):
     """fp16 with dynamic loss scaling trains like fp32 (5 steps, 3 then resumed to 5), and the loss
     scaler's state is carried across the resume. Runs on every CPU: DeepSpeed's CPU accelerator
