@@ -11,6 +11,8 @@ passes the hooks as JSON in the environment variable HOOKS_ENV, so every rank in
                         so the judged (and logged) value is scaled; the update itself is untouched.
 - "record_batches": DIR every rank writes the micro-batches it trains on as
                         step{N}_dp{R}_tp{T}_pp{P}.npy, shape (micro-batches, micro_batch_size, seq_length + 1).
+- "data_delay_ms": MS   every rank sleeps MS milliseconds after reading each step's batches (counted
+                        in the step's data time).
 - "write_delay": S      a checkpoint writer sleeps S seconds before each file it writes, so that a test can
                         act while a write is in flight.
 """
@@ -43,30 +45,44 @@ def inject_spikes(steps: set[int]) -> None:
     Trainer._judge = _judge
 
 
-def record_batches(out: Path) -> None:
-    import numpy as np
-    import torch
-
+def after_reading(action) -> None:
+    """action(trainer, step, micros) runs on every rank right after it has read a step's batches (inside
+    the step's data time)."""
     from megatron_tokenformer.training import Trainer
 
     train_step = Trainer.train_step
 
-    def recorded_train_step(self) -> None:
-        batches, step, g = self.batches, self.step + 1, self.grid
+    def hooked_train_step(self) -> None:
+        batches, step = self.batches, self.step + 1
         next_step = batches.next_step
 
-        def recording():
+        def reading():
             micros = next_step()
-            np.save(out / f"step{step}_dp{g.dp_rank}_tp{g.tp_rank}_pp{g.pp_rank}.npy", torch.stack(micros).numpy())
+            action(self, step, micros)
             return micros
 
-        batches.next_step = recording  # this step only: the instance attribute hides the method
+        batches.next_step = reading  # this step only: the instance attribute hides the method
         try:
             train_step(self)
         finally:
             del batches.next_step
 
-    Trainer.train_step = recorded_train_step
+    Trainer.train_step = hooked_train_step
+
+
+def record_batches(out: Path) -> None:
+    import numpy as np
+    import torch
+
+    def record(trainer, step, micros):
+        g = trainer.grid
+        np.save(out / f"step{step}_dp{g.dp_rank}_tp{g.tp_rank}_pp{g.pp_rank}.npy", torch.stack(micros).numpy())
+
+    after_reading(record)
+
+
+def delay_data(ms: float) -> None:
+    after_reading(lambda trainer, step, micros: time.sleep(ms / 1e3))
 
 
 def delay_writes(seconds: float) -> None:
@@ -90,6 +106,8 @@ def install(hooks: dict) -> None:
         inject_spikes(set(hooks["spikes"]))
     if hooks.get("record_batches"):
         record_batches(Path(hooks["record_batches"]))
+    if hooks.get("data_delay_ms"):
+        delay_data(float(hooks["data_delay_ms"]))
     if hooks.get("write_delay"):
         delay_writes(float(hooks["write_delay"]))
 
