@@ -208,7 +208,7 @@ def _accelerator_support(precision: str) -> tuple[bool, str]:
     return supported, f"DeepSpeed's {acc.device_name()} accelerator reports {precision} supported={supported}"
 
 
-FP16, _ = _accelerator_support("fp16")
+FP16, FP16_WHY = _accelerator_support("fp16")  # the hardware's answer (fp16 training runs anyway: below)
 BF16, BF16_WHY = _accelerator_support("bf16")
 
 
