@@ -5,14 +5,12 @@ import contextlib
 import json
 import logging
 import math
-import os
 import subprocess
 import time
 import uuid
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -203,10 +201,6 @@ class Trainer:
         if self.timer:
             self.timer.begin()
         micros = self.batches.next_step()
-        if _TEST_RECORD_BATCHES:
-            _record_batches(self.step + 1, self.grid, micros)
-        if _TEST_DATA_DELAY_MS:
-            time.sleep(_TEST_DATA_DELAY_MS / 1e3)
         micros = [m.to(self.dev) for m in micros]
         if self.timer:
             self.timer.lap("data")
@@ -222,7 +216,7 @@ class Trainer:
         for note in self.batches.notes():  # e.g. a blended source starting its next epoch
             self.monitor.message(note)
         if judge is not None:
-            loss = self.judged  # already averaged over data parallel (and maybe scaled by the test hook)
+            loss = self.judged  # already averaged over data parallel
         else:
             (loss,) = D.all_reduce_mean([loss], self.dev, self.ps.dp_group)
         self.monitor.advance()
@@ -254,8 +248,6 @@ class Trainer:
         is a spike. Every rank decides alike: the loss is averaged over data parallel, and the verdict
         is agreed over the world (a rank that stepped while another skipped would hang ZeRO)."""
         (loss,) = D.all_reduce_mean([local_loss], self.dev, self.ps.dp_group)
-        if self.step + 1 in _TEST_SPIKES:
-            loss *= 1000.0
         spike = self.loss_mean.is_spike(loss, self.cfg.train.spike_factor)
         spike = bool(D.all_reduce_max(int(spike), self.dev))
         self.judged = loss
@@ -476,27 +468,6 @@ class RunningMean:
 
     def state(self) -> dict:
         return {"mean": self.mean, "count": self.count}
-
-
-# Test hook: steps (comma-separated) whose loss train.spike_factor judges 1000 times too large, as a
-# real loss spike would be (tests/test_spikes.py). Only the judged and logged value is scaled.
-_TEST_SPIKES = {int(s) for s in os.environ.get("MEGATRON_TOKENFORMER_TEST_SPIKES", "").split(",") if s.strip()}
-
-
-# Test hook: milliseconds every rank sleeps while reading each step's batches (tests/test_observe.py:
-# step_ms/data holds it).
-_TEST_DATA_DELAY_MS = float(os.environ.get("MEGATRON_TOKENFORMER_TEST_DATA_DELAY_MS", "0"))
-
-
-# Test hook: a directory where every rank writes the micro-batches it trains on, as
-# step{N}_dp{R}_tp{T}_pp{P}.npy of shape (micro-batches, micro_batch_size, seq_length + 1)
-# (tests/test_inspect_data.py compares them with tools/inspect_data.py --step).
-_TEST_RECORD_BATCHES = os.environ.get("MEGATRON_TOKENFORMER_TEST_RECORD_BATCHES")
-
-
-def _record_batches(step: int, grid: D.Grid, micros: list[torch.Tensor]) -> None:
-    name = f"step{step}_dp{grid.dp_rank}_tp{grid.tp_rank}_pp{grid.pp_rank}.npy"
-    np.save(Path(_TEST_RECORD_BATCHES) / name, torch.stack(micros).numpy())
 
 
 class _Window:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
+from hooked_pretrain import HOOKS_ENV
 from megatron_tokenformer.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +27,28 @@ def env() -> dict:
     return e
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (torchrun starts its ranks in sessions of their own,
+    so a process group is not enough; a rank left alive would keep the output pipes open)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = True, timeout: int = 600,
-           extra_env: dict | None = None):
-    script = str(ROOT / "launch" / "pretrain.py")
+           extra_env: dict | None = None, hooks: dict | None = None):
+    """Run launch/pretrain.py (tests/hooked_pretrain.py with `hooks`: see there) under `launcher`. A run
+    still going after `timeout` seconds is killed with every process it started, and the test fails
+    naming the command; so does a pytest-timeout interrupt."""
+    script = str(ROOT / ("tests/hooked_pretrain.py" if hooks else "launch/pretrain.py"))
     args = ["--config", str(ROOT / "configs" / "tiny.yml"), *overrides]
     if nproc == 1 and launcher == "python":
         cmd = [sys.executable, script, *args]
@@ -35,10 +57,25 @@ def launch(overrides, nproc: int = 1, launcher: str = "torchrun", check: bool = 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
+    run_env = {**env(), **(extra_env or {})}
+    if hooks:
+        run_env[HOOKS_ENV] = json.dumps(hooks)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"hung: still running after {timeout} s, killed with its children: {' '.join(cmd)}\n"
+                             f"{stdout[-4000:]}\n{stderr[-6000:]}") from None
+    except BaseException:  # pytest-timeout's interrupt, Ctrl-C: leave no training process behind
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-6000:]}")
+    return result
 
 
 def metrics(run_dir) -> list[dict]:

@@ -191,6 +191,7 @@ def test_sources_are_checked(corpora):
         load_data(cfg.data, 64)
 
 
+@pytest.mark.slow
 def test_blended_training_logs_shares_and_resumes_exactly(corpora, tmp_path):
     blend = f"data.blend=[{{path: {corpora / 'a'}, weight: 0.7}}, {{path: {corpora / 'b'}, weight: 0.3}}]"
     common = SMALL + [blend, "train.decay_steps=8", "train.warmup_steps=2", "eval.interval=4", "eval.steps=2"]
@@ -221,6 +222,7 @@ def test_blended_training_logs_shares_and_resumes_exactly(corpora, tmp_path):
     assert [h["data_share/b"] for h in hist] == [r["data_share/b"] for r in a]
 
 
+@pytest.mark.slow
 def test_blend_with_another_tokenizer_is_refused(corpora, tmp_path):
     blend = f"data.blend=[{{path: {corpora / 'a'}, weight: 0.5}}, {{path: {corpora / 'c'}, weight: 0.5}}]"
     proc = launch(SMALL + [blend, f"log.dir={tmp_path / 'run'}"], launcher="python", check=False)

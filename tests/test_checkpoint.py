@@ -14,6 +14,8 @@ from megatron_tokenformer import load_model
 from megatron_tokenformer.checkpoint import (CheckpointError, checkpoint_tokenizer, global_state_dict, newest_good,
                                              verify)
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 DEEP = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
         "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
         "train.global_batch_size=8", "log.interval=1", "log.progress=false", "eval.interval=0",
@@ -59,7 +61,9 @@ def test_load_model_from_any_layout_and_export(runs, tmp_path):
         for name in ("pp2", "tp2pp2"):
             got = load_model(runs[name])[0](ids)
             err = (got - ref).abs().max() / ref.abs().max()
-            assert err < 1e-4, (name, err.item())  # the layouts train the same model
+            # the layouts train the same model: the README's 1e-5 (7e-7 here after 3 steps: fp32 sums in
+            # another order across tensor and pipeline ranks)
+            assert err < 1e-5, (name, err.item())
     # export: one safetensors file + config.json, read back into the same logits
     out = subprocess.run([sys.executable, "tools/export.py", "--load", str(runs["tp2pp2"]), "--out",
                           str(tmp_path / "exp")], cwd=ROOT, env=env(), capture_output=True, text=True)

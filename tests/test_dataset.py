@@ -82,6 +82,7 @@ def test_every_dtype_agrees_with_megatron_core(tmp_path, code):
     assert np.array_equal(theirs.document_indices, np.arange(38))
 
 
+@pytest.mark.slow
 def test_datatrove_output_trains(tmp_path, neox, docs, doc_ids):
     """datatrove's MegatronDocumentTokenizer, 4 tasks: the directory reads as one dataset in task order,
     each document its tokenizer ids and <|endoftext|>, and a run trains on it (data.tokenizer names the
@@ -296,6 +297,7 @@ def _small_sentencepiece(tmp_path):
     return tmp_path / "spm.model"
 
 
+@pytest.mark.slow
 def test_bad_data_through_the_launcher(tmp_path, neox, doc_ids):
     """One line, exit 2, naming the file: through the real launch script."""
     d = tmp_path / "d"
@@ -319,6 +321,7 @@ def test_bad_data_through_the_launcher(tmp_path, neox, doc_ids):
         load_meta(tmp_path / "v1")
 
 
+@pytest.mark.slow
 def test_stored_order_resume_is_bit_exact(tmp_path, neox, docs):
     """Stored order through the trainer (prefetching): 6 steps straight equal 3 + resume + 3."""
     prefix, _ = rows_dataset(tmp_path, neox, docs, 64, 65)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
+from hooked_pretrain import fp16_on_cpu
 
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.qkv_tokens=16",
          "model.proj_tokens=16", "model.ffn_tokens=32", "model.seq_length=16", "train.micro_batch_size=2",
@@ -60,6 +61,7 @@ def _check_engine(rank, world, overrides):
         assert ends == p.numel()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["parallel.zero_stage=0"], ["parallel.zero_stage=1"],
                                        ["parallel.zero_stage=2"], ["parallel.zero_stage=1", "train.precision=bf16"]])
 def test_optimizer_state_round_trip(overrides):
@@ -77,12 +79,10 @@ def _check_skip(rank, world):
     LR schedule exactly as they were, and counts the step as skipped; the next ordinary step updates."""
     from megatron_tokenformer.deepspeed_adapter import OptimizerState, step_without_update
 
-    from deepspeed.accelerator import get_accelerator
-
+    fp16_on_cpu()  # this rank only: fp16 on any CPU (DeepSpeed's accelerator asks for avx512_fp16/AMX-FP16)
     layouts = [["parallel.zero_stage=0"], ["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
-               ["parallel.zero_stage=1", "train.precision=bf16"]]
-    if get_accelerator().is_fp16_supported():  # not on a CPU without avx512_fp16/AMX-FP16
-        layouts.append(["parallel.zero_stage=1", "train.precision=fp16"])  # the loss scaler's path too
+               ["parallel.zero_stage=1", "train.precision=bf16"],
+               ["parallel.zero_stage=1", "train.precision=fp16"]]  # the loss scaler's path too
     for overrides in layouts:
         engine, cfg = _engine(world, rank, overrides)
         gen = torch.Generator().manual_seed(rank)
@@ -115,5 +115,6 @@ def _check_skip(rank, world):
         del engine
 
 
+@pytest.mark.slow
 def test_a_skipped_update_changes_nothing_at_every_zero_stage():
     run_on_ranks(2, _check_skip)

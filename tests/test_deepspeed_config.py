@@ -80,10 +80,12 @@ def _engine_reads_passthrough(rank, world):
         _check_engine(rank, world, extra + offload)
 
 
+@pytest.mark.slow
 def test_passthrough_reaches_the_engine_and_offload_keeps_checkpoints_exact():
     run_on_ranks(2, _engine_reads_passthrough)
 
 
+@pytest.mark.slow
 def test_conflict_is_one_line_naming_both_keys(corpus, tmp_path):
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "deepspeed.zero_optimization.stage=2"],
                   launcher="python", check=False)
@@ -93,6 +95,7 @@ def test_conflict_is_one_line_naming_both_keys(corpus, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_overlap_and_small_buckets_train_alike_and_resume_across_a_change(corpus, tmp_path):
     base = SMALL + [f"data.path={corpus}", "parallel.zero_stage=2", "train.steps=5"]
     launch(base + [f"log.dir={tmp_path / 'plain'}"], nproc=2)

@@ -78,6 +78,7 @@ def direct_rolling(model, tok, text: str) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_backend_equals_direct_computation(trained):
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
@@ -161,6 +162,7 @@ def test_task_yamls_are_lm_evals_own(task):
     assert ours["dataset_kwargs"] == {"task": task}
 
 
+@pytest.mark.slow
 def test_evaluate_tool_and_bad_input(trained, eval_data, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
     tool = importlib.util.module_from_spec(spec)
@@ -203,6 +205,7 @@ def test_evaluate_tool_and_bad_input(trained, eval_data, tmp_path, capsys):
     assert "carries no tokenizer" in error(["--load", str(bare), "--tasks", "piqa", "--data-dir", data])
 
 
+@pytest.mark.slow
 def test_tasks_during_training_equal_offline_evaluation(trained, eval_data):
     """The 2-rank run's eval/piqa/* at its last step equal a single-process evaluation of the
     checkpoint it saved there, on the same documents."""

@@ -7,7 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import ROOT, env, launch, losses
+
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
 
 RUN = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
        "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=4",
@@ -31,7 +35,7 @@ def _wait_for(pred, proc, timeout=120.0):
     return False
 
 
-def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
+def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path, reap):
     args = RUN + [f"data.path={corpus}"]
     launch(args + [f"log.dir={tmp_path / 'straight'}"], launcher="python")
     want = losses(tmp_path / "straight")
@@ -45,6 +49,18 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
     def logged() -> int:
         return len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
 
+    def partials_since(ns: int) -> list[str]:
+        """The staging directories made (or written into) since `ns`: a .partial left by an earlier
+        killed attempt stays until the next good save, and must not count as a write under way."""
+        found = []
+        for p in (ckpt.iterdir() if ckpt.is_dir() else []):
+            try:
+                if p.name.endswith(".partial") and p.stat().st_mtime_ns >= ns:
+                    found.append(p.name)
+            except FileNotFoundError:  # committed (renamed) meanwhile
+                pass
+        return found
+
     # Kill until 5 of each kind have landed (bounded), whatever the machine's speed: a "step" kill
     # waits for the attempt's first new step, so every attempt makes progress.
     for attempt in range(40):
@@ -52,25 +68,27 @@ def test_sigkill_anywhere_resumes_to_the_same_losses(corpus, tmp_path):
             break
         log_path = tmp_path / f"attempt{attempt}.log"
         before = logged()
+        started_ns = time.time_ns()
         proc, log = _start(args + [f"log.dir={run}"], log_path)
+        reap(proc)
         started = _wait_for(lambda: "TokenFormer:" in log_path.read_text(), proc, timeout=600.0)
         assert started or proc.returncode == 0, log_path.read_text()[-3000:]
-        if kills["write"] < kills["step"]:  # during a checkpoint write: as soon as a .partial directory appears
-            hit = _wait_for(lambda: ckpt.is_dir() and any(p.name.endswith(".partial") for p in ckpt.iterdir()), proc)
-            kind = "write"
+        if kills["write"] < kills["step"]:  # during a checkpoint write: as soon as this attempt stages one
+            hit = _wait_for(lambda: partials_since(started_ns), proc)
         else:  # at a random moment of the training steps
             _wait_for(lambda: logged() > before, proc)
             time.sleep(rng.uniform(0.0, 0.2))
             hit = proc.poll() is None
-            kind = "step"
         if hit:
             os.kill(proc.pid, signal.SIGKILL)
-            kills[kind] += 1
         proc.wait()
         log.close()
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+        # A kill was during a write only if the write this attempt staged is still unfinished once the
+        # process is dead (one that was renamed into place just before the kill landed is not).
+        kills["write" if partials_since(started_ns) else "step"] += 1
     if proc.returncode != 0:
         launch(args + [f"log.dir={run}"], launcher="python")  # let the last attempt finish
     assert kills["write"] >= 5 and kills["step"] >= 5, kills  # 10 kills at least

@@ -101,14 +101,17 @@ def test_growth_is_exact_and_new_tokens_train(norm, shards):
                           (GrowthOptions(value_init="zero"), False)):
         src2, _, state2, _, _ = _grown(norm, shards, opts)
         with torch.no_grad():
-            assert (_rel(_model(big, state2)(_ids()), src2(_ids())) > 1e-3) == changed, opts
+            err = _rel(_model(big, state2)(_ids()), src2(_ids()))
+        # unchanged: held to the exact growth's 1e-6 (the same sums, 3e-7 with 2 shards); changed: by
+        # 0.32 at least here, so 0.1 tells a changed function from rounding on any CPU
+        assert (err < 1e-6 if not changed else err > 0.1), (opts, err)
         assert opts.warnings(norm)
 
 
 def test_softmax_growth_is_not_exact_and_says_so():
     src, big, state, _, _ = _grown("softmax", 1)
     with torch.no_grad():
-        assert _rel(_model(big, state)(_ids()), src(_ids())) > 1e-3
+        assert _rel(_model(big, state)(_ids()), src(_ids())) > 0.1  # 0.58 here: changed, not rounding
     assert "softmax" in GrowthOptions().warnings("softmax")[0]
 
 
@@ -125,6 +128,7 @@ def _tp2_body(rank, world, shards):
             assert _rel(torch.cat(gathered, -1), src(_ids())) < 1e-6, norm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2])
 def test_growth_is_exact_at_tensor_2(shards):
     run_on_ranks(2, _tp2_body, shards)
@@ -159,6 +163,7 @@ def source(corpus, tmp_path_factory):
     return run / "checkpoints"
 
 
+@pytest.mark.slow
 def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus, source, tmp_path):
     from megatron_tokenformer import load_model
     from megatron_tokenformer.checkpoint import checkpoint_tokenizer
@@ -198,6 +203,7 @@ def test_expand_tool_carries_moments_and_the_grown_run_trains_new_tokens(corpus,
     assert list(losses(run)) == [3]
 
 
+@pytest.mark.slow
 def test_bad_expansions_are_refused_and_leave_the_source_alone(source, tmp_path):
     before = _tree_hash(source)
     cases = [(["--ffn-tokens", 32], "would shrink"),
@@ -218,6 +224,7 @@ def test_bad_expansions_are_refused_and_leave_the_source_alone(source, tmp_path)
     assert _tree_hash(source) == before
 
 
+@pytest.mark.slow
 def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, tmp_path):
     """2 steps, grow, 2 more, at tensor=2 and at pipeline=2. The manual route (tensor=2): the source
     run, expand, resume."""
@@ -253,6 +260,7 @@ def test_growth_schedule_in_one_launch_equals_the_manual_route(corpus, source, t
     assert lineage[-1]["step"] == 2 and lineage[-1]["parent_run"] == json.loads((run / "run_info.json").read_text())["wandb_id"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_growing_resumes_to_the_same_losses(corpus, tmp_path):
     """SIGKILL as soon as the grown checkpoint starts being written (step_2_grown.partial), then
     relaunch: the run resumes from the pre-growth checkpoint, grows again and logs the losses of a

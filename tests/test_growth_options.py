@@ -47,6 +47,7 @@ def grown_run(corpus, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_options_reach_the_growth_and_the_freeze_is_exact(grown_run):
     run = grown_run
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -75,6 +76,7 @@ def test_options_reach_the_growth_and_the_freeze_is_exact(grown_run):
     assert lrs[3] == pytest.approx(2e-3) and lrs[6] == pytest.approx(2e-3 / 3)  # warmup 0, then train.warmup_steps
 
 
+@pytest.mark.slow
 def test_resume_inside_the_freeze_window_is_exact(corpus, grown_run, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(grown_run, run, ignore=shutil.ignore_patterns("metrics.jsonl"))
@@ -89,6 +91,7 @@ def test_resume_inside_the_freeze_window_is_exact(corpus, grown_run, tmp_path):
     assert all(torch.equal(a[1][k][n], b[1][k][n]) for k in a[1] for n in a[1][k])
 
 
+@pytest.mark.slow
 def test_expand_tool_records_the_freeze_and_the_run_obeys(corpus, grown_run, tmp_path):
     dst = tmp_path / "grown"
     src = grown_run / "checkpoints" / "step_00000001"

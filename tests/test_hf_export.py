@@ -106,6 +106,7 @@ def outside(exported, text, tmp_path_factory):
     return res
 
 
+@pytest.mark.slow
 def test_export_ships_the_package_modules_verbatim(ckpt, exported, outside):
     files = {p.name for p in exported.iterdir()}
     code = {"modeling_tokenformer.py", "configuration_tokenformer.py", "model.py", "pattention.py", "mappings.py",
@@ -124,6 +125,7 @@ def test_export_ships_the_package_modules_verbatim(ckpt, exported, outside):
     assert outside["module"].startswith("transformers_modules.")  # loaded from the export, not the package
 
 
+@pytest.mark.slow
 def test_logits_equal_load_model(ckpt, outside):
     model, _ = load_model(ckpt)
     with torch.no_grad():
@@ -134,6 +136,7 @@ def test_logits_equal_load_model(ckpt, outside):
     assert abs(outside["loss"] - loss.item()) < 1e-5
 
 
+@pytest.mark.slow
 def test_generate_with_cache_equals_without_and_ours(ckpt, outside):
     assert outside["cached"] == outside["uncached"]
     model, _ = load_model(ckpt)
@@ -146,12 +149,14 @@ def test_generate_with_cache_equals_without_and_ours(ckpt, outside):
     assert "same left padding" in outside["mixed_padding"]
 
 
+@pytest.mark.slow
 def test_generate_never_produces_padding_rows(exported, outside):
     assert json.loads((exported / "generation_config.json").read_text())["suppress_tokens"] == list(range(512, ROWS))
     assert max(outside["sampled"]) < 512
     assert max(outside["unsuppressed"]) >= 512  # without the list it would (the rows are untrained)
 
 
+@pytest.mark.slow
 def test_tokenizer_gives_the_checkpoints_ids(ckpt, text, outside):
     tok = checkpoint_tokenizer(ckpt)
     assert tok.kind == "sentencepiece" and outside["eos"] == tok.eod_id
@@ -176,6 +181,7 @@ def test_gpt_neox_tokenizer_exports_as_is(text, tmp_path):
         assert hf(t)["input_ids"] == tok.encode(t)
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_output_and_missing_tokenizer(ckpt, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -197,6 +203,7 @@ def test_export_refuses_bad_output_and_missing_tokenizer(ckpt, tmp_path):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["busy", "old"]  # nothing half-done
 
 
+@pytest.mark.slow
 def test_generate_tool(ckpt):
     done = tool("generate.py", "--load", ckpt, "--prompt", "To be, or not", "--greedy", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr

@@ -39,7 +39,6 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "mode
         "log.progress=false", "eval.interval=0", "log.wandb_mode=disabled", "checkpoint.interval=0"]
 MODULES = ["argparse", "textwrap", "json", "collections", "functools", "itertools", "logging", "dataclasses",
            "shutil", "random", "statistics", "subprocess", "pathlib", "tarfile", "zipfile", "csv"]
-RECORD = "MEGATRON_TOKENFORMER_TEST_RECORD_BATCHES"
 
 
 def _tool():
@@ -142,13 +141,13 @@ def megatron_core_write(prefix: Path, rows: np.ndarray) -> None:
 # ---------------------------------------------------------------- --step against the training loop
 
 
-def train_and_compare(capsys, tmp_path, overrides, nproc, dp, extra_env=None) -> dict[int, np.ndarray]:
+def train_and_compare(capsys, tmp_path, overrides, nproc, dp, hooks=None) -> dict[int, np.ndarray]:
     """Train with the record hook on; check every rank's recorded micro-batches of every step against
     --step N --json; returns {step: the global batch}."""
     rec = tmp_path / "batches"
     rec.mkdir()
     launch(TINY + overrides + [f"log.dir={tmp_path / 'run'}"], nproc=nproc,
-           extra_env={RECORD: str(rec), **(extra_env or {})})
+           hooks={"record_batches": str(rec), **(hooks or {})})  # tests/hooked_pretrain.py
     files = sorted(rec.glob("*.npy"))
     seen, batches = set(), {}
     for step in range(1, STEPS + 1):
@@ -168,6 +167,7 @@ def train_and_compare(capsys, tmp_path, overrides, nproc, dp, extra_env=None) ->
     return batches
 
 
+@pytest.mark.slow
 def test_step_is_what_tensor_parallel_trained_on(capsys, tmp_path, data):
     """Shuffled order over a two-file dataset, TP=2: both tensor ranks read the batch --step shows."""
     ours = data["root"] / "ours"
@@ -181,6 +181,7 @@ def test_step_is_what_tensor_parallel_trained_on(capsys, tmp_path, data):
     assert not np.array_equal(batches[1][:, 0], stream[0:B * SEQ:SEQ])
 
 
+@pytest.mark.slow
 def test_step_is_what_pipeline_parallel_trained_on_from_a_blend(capsys, tmp_path, data):
     """A blend of two datasets, PP=2: every stage's batch is the one --step shows; the text form names
     each sample's source."""
@@ -198,6 +199,7 @@ def test_step_is_what_pipeline_parallel_trained_on_from_a_blend(capsys, tmp_path
     assert batches[2].shape == (B, SEQ + 1)
 
 
+@pytest.mark.slow
 def test_step_is_what_data_parallel_trained_on_in_stored_order_and_a_spike_names_its_step(capsys, tmp_path, data):
     """Pythia's order (data.order=stored, a megatron-core prefix, a separate data.valid_path), DP=2: the
     step logged as N trains rows (N-1)*B ... N*B-1; a loss spike's metrics row names a step whose batch
@@ -207,7 +209,7 @@ def test_step_is_what_data_parallel_trained_on_in_stored_order_and_a_spike_names
     run = [f"data.path={prefix}", f"data.tokenizer={root / 'pile' / 'tokenizer.json'}", "data.order=stored",
            f"data.valid_path={root / 'valid'}", "train.spike_factor=3", "train.spike_window=2"]
     batches = train_and_compare(capsys, tmp_path, run, nproc=2, dp=2,
-                                extra_env={"MEGATRON_TOKENFORMER_TEST_SPIKES": "3"})
+                                hooks={"spikes": [3]})
     rows = data["rows"]
     for n, batch in batches.items():
         assert np.array_equal(batch, rows[(n - 1) * B:n * B])  # the rows as written, not as we read them
@@ -293,6 +295,7 @@ def test_summary(capsys, data):
     assert "checksums: none recorded (a Megatron dataset from elsewhere)" in out
 
 
+@pytest.mark.slow
 def test_verify_finds_a_flipped_byte_and_splits_the_work(tmp_path, data):
     ours = tmp_path / "ours"
     shutil.copytree(data["root"] / "ours", ours)

@@ -14,7 +14,6 @@ from megatron_tokenformer import observe
 from megatron_tokenformer.checkpoint.reader import global_state_dict
 from megatron_tokenformer.config import ModelConfig, load_config
 from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
-from test_training import FP16, FP16_WHY
 from wandb_records import history as wandb_history
 from wandb_records import records as wandb_records
 
@@ -27,6 +26,7 @@ def alerts(run_dir) -> list[tuple[str, str]]:
     return [(r.alert.title, r.alert.text) for r in wandb_records(path) if r.WhichOneof("record_type") == "alert"]
 
 
+@pytest.mark.slow
 def test_each_row_holds_the_breakdown_memory_mfu_norms_tokens_and_alerts(corpus, tmp_path):
     """4 steps logged every 2: batches delayed 40 ms by the test hook, a spike forced at step 3
     (skipped: two alerts), and the final save fails (the checkpoint directory is a file: an alert)."""
@@ -38,7 +38,7 @@ def test_each_row_holds_the_breakdown_memory_mfu_norms_tokens_and_alerts(corpus,
                          "log.zero_grads=true", "log.peak_tflops=1", "log.token_stats_interval=2",
                          "log.wandb_mode=offline", "log.wandb_project=tests"]
     proc = launch(overrides, launcher="python", check=False,
-                  extra_env={"MEGATRON_TOKENFORMER_TEST_DATA_DELAY_MS": "40", "MEGATRON_TOKENFORMER_TEST_SPIKES": "3"})
+                  hooks={"data_delay_ms": 40, "spikes": [3]})
     assert proc.returncode != 0 and "checkpoints" in proc.stderr, proc.stderr[-3000:]
     cfg = load_config("configs/tiny.yml", overrides)
     rows = [r for r in metrics(run) if "loss" in r]
@@ -74,6 +74,7 @@ def test_each_row_holds_the_breakdown_memory_mfu_norms_tokens_and_alerts(corpus,
     assert "step 3" in alerts(run)[0][1] and "step 4" in alerts(run)[2][1]
 
 
+@pytest.mark.slow
 def test_token_usage_after_a_growth(corpus, tmp_path):
     """A growth at step 2 appends tokens with zero keys: at the growth the usage is unchanged and the
     new tokens get exactly none of the attention (gelu(0) = 0), nor their values any gradient; two
@@ -107,6 +108,7 @@ def test_token_usage_after_a_growth(corpus, tmp_path):
     assert before["params_norm"] == pytest.approx(norm, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_stop_by_time_limit_is_an_alert(corpus, tmp_path):
     run = tmp_path / "run"
     launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=50", "train.exit_after_minutes=0.0001",
@@ -130,8 +132,6 @@ def _usage_at(rank, world, lineage):
         assert got.keys() == want.keys() and len(want) == 3 * 4 + 2 + 4, sorted(want)  # proj never grew
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-5), (norm, k, got[k], v)
-
-
 
 
 def _scaler(rank, world):
@@ -180,14 +180,16 @@ def test_stage_labels_follow_the_grown_order():
     assert observe.stage_labels([{**LINEAGE[0], "shards": None}], 12, "qkv_tokens") is None  # an older lineage
 
 
+@pytest.mark.slow
 def test_loss_scale_reads_deepspeeds_scaler():
     run_on_ranks(1, _scaler)
 
 
-@pytest.mark.skipif(not FP16, reason=f"{FP16_WHY}: test_loss_scale_reads_deepspeeds_scaler covers the reading")
+@pytest.mark.slow
 def test_fp16_rows_log_the_loss_scale_of_deepspeeds_scaler(corpus, tmp_path):
+    # fp16 on any CPU: the test hook lets DeepSpeed's CPU accelerator accept it (tests/hooked_pretrain.py)
     launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=3", "train.precision=fp16"],
-           launcher="python")
+           launcher="python", hooks={"fp16": True})
     rows = metrics(tmp_path)
     meta = json.loads((tmp_path / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert all(r["loss_scale"] > 0 for r in rows) and rows[-1]["loss_scale"] == meta["loss_scaler"]["cur_scale"]

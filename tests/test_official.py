@@ -196,6 +196,7 @@ def test_imported_model_reproduces_the_official_forward(tmp_path, monkeypatch, n
     print(f"{norm}: max relative error {err:.2e} (our eps), {exact:.2e} (eps 0)")
 
 
+@pytest.mark.slow
 def test_imported_150M_shape_reproduces_the_official_forward(tmp_path):
     """configs/150M.yml as released (vocab 50304, 12 x 768, tokens 768/768/3072), 2 x 16 tokens in
     float32 for our model (as it is used) against the transcription in float64."""
@@ -368,6 +369,7 @@ def test_checks_name_the_tensor_and_the_config_key(tmp_path):
 
 # ---- a converted checkpoint trains at TP=2 ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_converted_checkpoint_trains_at_tp2_from_its_weights(corpus, tmp_path):
     """checkpoint.load=DIR on 2 gloo ranks with tensor parallelism: the first step's loss is the loss the
     converted weights give on that batch, computed on one process by load_model."""
@@ -399,6 +401,7 @@ def test_converted_checkpoint_trains_at_tp2_from_its_weights(corpus, tmp_path):
     print(f"TP=2 first loss {got:.6f}, load_model {want:.6f}")
 
 
+@pytest.mark.slow
 def test_imported_model_exported_to_transformers_reproduces_the_official_forward(corpus, tmp_path):
     """Released file -> our checkpoint -> Hugging Face export: AutoModelForCausalLM computes the official
     forward (float64, within 1e-5 as above)."""

@@ -77,6 +77,7 @@ def pp1_losses(corpus, tmp_path_factory):
     return losses(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tensor, pipeline, nproc, extra", [
     (1, 2, 2, []), (1, 4, 4, []), (2, 2, 8, []), (1, 2, 2, ["model.activation_checkpointing=true"])])
 def test_pipeline_matches_single_rank(corpus, tmp_path, pp1_losses, tensor, pipeline, nproc, extra):
@@ -99,6 +100,7 @@ def _bf16_supported() -> bool:
     return bool(get_accelerator().is_bf16_supported())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
     not _bf16_supported(), reason="DeepSpeed's accelerator reports no bf16 (training would refuse it)"))])
 def test_pipeline_exact_resume(corpus, tmp_path, precision):
@@ -151,6 +153,7 @@ def _stages_hold_their_partition(rank, world, cases):
                 assert same, (name, rank, i, k)
 
 
+@pytest.mark.slow
 def test_stage_modules_hold_the_compute_balanced_partition():
     """Two gloo ranks build the real pipeline module: each stage holds exactly the layers that
     partition(layer_costs(...)) gives it, with the single-process model's initial values. Shapes:

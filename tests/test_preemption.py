@@ -92,6 +92,7 @@ def _launcher(proc, module: str) -> psutil.Process:
     return p
 
 
+@pytest.mark.slow
 def test_sigterm_under_python_saves_exits_0_and_resumes(corpus, tmp_path):
     run = tmp_path / "run"
     args = RUN + [f"data.path={corpus}", f"train.steps={STEPS}", "checkpoint.interval=0"]
@@ -212,6 +213,7 @@ def test_sigterm_to_the_docker_init_under_deepspeed(chain, corpus):
     assert "Traceback" not in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_exit_after_minutes(corpus, tmp_path):
     run = tmp_path / "run"
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=100000",
@@ -221,6 +223,7 @@ def test_exit_after_minutes(corpus, tmp_path):
     assert stopped < 100000 and (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
 
 
+@pytest.mark.slow
 def test_one_run_per_directory(corpus, tmp_path):
     run = tmp_path / "run"
     args = SMALL + [f"data.path={corpus}", "train.steps=100000"]

@@ -222,6 +222,7 @@ def _big_corpus(root: Path, docs: list[str], files: int = 16, copies: int = 6) -
     return root
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_equals_a_clean_run(prepared, doc_corpus, tmp_path):
     """4 tasks on 2 workers, the whole process group SIGKILLed once a task has finished; the same command
     run again skips the finished tasks and the result equals a clean run, document for document."""
@@ -332,6 +333,7 @@ def test_one_jsonl_zst_file_equals_the_same_jsonl(prepared, doc_corpus, tmp_path
     assert len(metadata(tmp_path / "out_val.jsonl.zst")["prefixes"]) == 2
 
 
+@pytest.mark.slow
 def test_hub_dataset_streamed(prepared, doc_corpus, tmp_path):
     # A local dataset directory stands in for a Hub name: the same load_dataset call, no network.
     hub = tmp_path / "hub"
@@ -688,6 +690,7 @@ def test_empty_json_files_hold_no_records(prepared, tmp_path):
 # ---------------------------------------------------------------- the built-in corpus and the configs
 
 
+@pytest.mark.slow
 def test_default_corpus_cli(tmp_path):
     """`python tools/prepare_data.py` as in the quick start: the 42 works, the tokenizer the old
     preparation trained (same bytes), each work its ids then EOD, in file order; a second run is a no-op."""

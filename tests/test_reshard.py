@@ -9,6 +9,8 @@ import torch
 from helpers import launch, losses
 from megatron_tokenformer.checkpoint import global_state
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.qkv_tokens=64",
          "model.proj_tokens=64", "model.ffn_tokens=128", "model.seq_length=64", "train.micro_batch_size=2",
          "train.global_batch_size=8", "train.warmup_steps=1", "log.interval=1", "log.progress=false",

@@ -52,6 +52,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,background", [("full", True), ("denied", False)])
 def test_failed_checkpoint_write_stops_the_run_and_keeps_the_previous(corpus, tmp_path, kind, background):
     """A full disk during a background save (the error comes from the writer thread, reported at the

@@ -13,6 +13,8 @@ from megatron_tokenformer.checkpoint import global_state, read_meta, write_manif
 from megatron_tokenformer.checkpoint.files import save_safetensors
 from test_reshard import MODEL, _assert_states_close
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 LAYERS = 4 + 2  # embedding, 4 blocks, final norm
 
 

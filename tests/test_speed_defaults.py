@@ -38,6 +38,7 @@ def test_compile_values():
         load_config("configs/tiny.yml", ["parallel.pipeline=2", "train.compile=true"])
 
 
+@pytest.mark.slow
 def test_the_run_says_what_it_chose(corpus, tmp_path):
     out = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=1"], launcher="python")
     chosen = speed_choices(load_config("configs/tiny.yml"))

@@ -1,20 +1,25 @@
 """Loss spikes (train.spike_factor): a step whose loss is far above the running mean has its update
 skipped and is logged, the run goes on, resume stays exact; spikes in a row stop the run. The spikes
-are injected by a test hook that scales the judged loss of chosen steps 1000 times (that the update
-itself is left bit-identical is tested on the engines in test_deepspeed_adapter.py)."""
+are injected by a test hook (tests/hooked_pretrain.py) that scales the judged loss of chosen steps
+1000 times (that the update itself is left bit-identical is tested on the engines in
+test_deepspeed_adapter.py)."""
 import shutil
+
+import pytest
 
 from helpers import SMALL, launch, losses, metrics
 from megatron_tokenformer.checkpoint import newest_good, read_meta
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 RUN = SMALL + ["train.steps=10", "train.spike_factor=3", "train.spike_window=3", "train.warmup_steps=2",
                "checkpoint.interval=1", "checkpoint.keep_last=0"]
-SPIKE = {"MEGATRON_TOKENFORMER_TEST_SPIKES": "6"}
+SPIKE = {"spikes": [6]}  # tests/hooked_pretrain.py
 
 
 def test_a_spike_is_skipped_logged_and_resume_is_exact(corpus, tmp_path):
     run = tmp_path / "straight"
-    out = launch(RUN + [f"data.path={corpus}", f"log.dir={run}"], launcher="python", extra_env=SPIKE)
+    out = launch(RUN + [f"data.path={corpus}", f"log.dir={run}"], launcher="python", hooks=SPIKE)
     rows = {r["step"]: r for r in metrics(run)}
     assert sorted(rows) == list(range(1, 11))  # the run went on
     spike = rows[6]
@@ -37,7 +42,7 @@ def test_a_spike_is_skipped_logged_and_resume_is_exact(corpus, tmp_path):
     # Resumed from step 4 (before the spike, with 4 losses in the mean): the same spike, the same losses.
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt / "step_00000004", resumed / "checkpoints" / "step_00000004")
-    launch(RUN + [f"data.path={corpus}", f"log.dir={resumed}"], launcher="python", extra_env=SPIKE)
+    launch(RUN + [f"data.path={corpus}", f"log.dir={resumed}"], launcher="python", hooks=SPIKE)
     got = {r["step"]: r for r in metrics(resumed)}
     assert sorted(got) == list(range(5, 11)) and "spike_loss" in got[6]
     assert losses(resumed) == {s: v for s, v in losses(run).items() if s > 4}  # bit for bit
@@ -50,7 +55,7 @@ def test_spikes_in_a_row_stop_the_run(corpus, tmp_path):
     run = tmp_path / "run"
     proc = launch(RUN + [f"data.path={corpus}", f"log.dir={run}", "train.max_skipped_steps=3",
                          "checkpoint.async_save=true"], launcher="python", check=False,
-                  extra_env={"MEGATRON_TOKENFORMER_TEST_SPIKES": "5,6,7"})
+                  hooks={"spikes": [5, 6, 7]})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "3 consecutive steps (up to step 7) were skipped, 3 of them for a loss above train.spike_factor=3" \
         in proc.stderr and "Traceback" not in proc.stderr

@@ -8,6 +8,8 @@ from megatron_tokenformer import Pattention, TokenFormerModel
 from megatron_tokenformer import mappings as M
 from megatron_tokenformer.config import ModelConfig
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 NORMS = ["l2_norm_gelu", "gelu_l2_norm", "softmax"]
 
 

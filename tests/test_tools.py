@@ -43,6 +43,7 @@ def run_tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- benchmark.py
 
 
+@pytest.mark.slow
 def test_benchmark_reports_its_figures_and_why_the_data_was_not_timed(corpus, tmp_path):
     """Two variants, two rounds of one step, decoding: every figure present, consistent and positive. The
     config's data.path does not exist: the table says so, naming the path and the command that builds it
@@ -116,6 +117,7 @@ def bench_checkpoint(corpus, tmp_path_factory):
     return json.loads(out.stdout.strip().splitlines()[-1]), scratch
 
 
+@pytest.mark.slow
 def test_bench_checkpoint_times_every_operation(corpus, bench_checkpoint):
     res, scratch = bench_checkpoint
     cfg = load_config("configs/tiny.yml", SHAPE)
@@ -135,6 +137,7 @@ def test_bench_checkpoint_times_every_operation(corpus, bench_checkpoint):
     assert sum(p.numel() for p in load_model(ckpt)[0].parameters()) == params
 
 
+@pytest.mark.slow
 def test_native_export_is_atomic(bench_checkpoint, tmp_path, monkeypatch, capsys):
     """A full disk while model.safetensors is written (injected where the file is written): no --out and
     no temporary directory are left, and the error is one line. Then the export succeeds; a second one

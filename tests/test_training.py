@@ -15,6 +15,8 @@ from megatron_tokenformer.model import TokenFormerModel, model_flops_per_token
 from wandb_records import config as wandb_config
 from wandb_records import history as wandb_history
 
+pytestmark = pytest.mark.slow  # every test here starts training processes or several ranks
+
 
 def test_loss_falls_on_real_text_and_is_logged_everywhere(corpus, tmp_path):
     run = tmp_path / "run"
@@ -134,13 +136,15 @@ def test_dp2_matches_dp1(corpus, tmp_path, dp1_losses, zero_stage, launcher):
     assert dp2[5] < dp2[1]
 
 
-@pytest.mark.parametrize("tensor, nproc", [(2, 2), (2, 4)])
+@pytest.mark.parametrize("tensor, nproc", [(2, 2), (2, 4), (4, 4), (4, 8)])
 def test_tensor_parallel_training_matches_single_rank(corpus, tmp_path, dp1_losses, tensor, nproc):
-    """TP=2 and TP=2 x DP=2 log the losses of TP=1 x DP=1 over 5 steps (fp32, within 1e-5)."""
+    """TP=2, TP=2 x DP=2, TP=4 (one head per rank) and TP=4 x DP=2 log the losses of TP=1 x DP=1 over
+    5 steps (fp32, within 1e-5)."""
     out = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.steps=5",
                           f"parallel.tensor={tensor}"], nproc=nproc)
     assert f"tensor {tensor} x pipeline 1 x data {nproc // tensor}" in out.stdout
     tp = losses(tmp_path)
+    assert tp.keys() == dp1_losses.keys() == {1, 2, 3, 4, 5}
     for step in dp1_losses:
         assert tp[step] == pytest.approx(dp1_losses[step], rel=1e-5, abs=1e-5), (step, tp, dp1_losses)
 
@@ -201,14 +205,10 @@ def _accelerator_support(precision: str) -> tuple[bool, str]:
 
     acc = get_accelerator()
     supported = bool(acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported())
-    if acc.device_name() == "cpu" and precision == "fp16":
-        has = "has" if supported else "lacks"
-        return supported, (f"this CPU {has} avx512_fp16/AMX-FP16 (torch.ops.mkldnn._is_mkldnn_fp16_supported() "
-                           f"is {supported}), which DeepSpeed's CPU accelerator asks for fp16")
     return supported, f"DeepSpeed's {acc.device_name()} accelerator reports {precision} supported={supported}"
 
 
-FP16, FP16_WHY = _accelerator_support("fp16")
+FP16, FP16_WHY = _accelerator_support("fp16")  # the hardware's answer (fp16 training runs anyway: below)
 BF16, BF16_WHY = _accelerator_support("bf16")
 
 
@@ -218,34 +218,40 @@ def test_bf16_trains_close_to_fp32(corpus, tmp_path, dp1_losses):
     bf16 = losses(tmp_path)
     assert bf16.keys() == dp1_losses.keys()
     for step, loss in bf16.items():
-        assert loss == pytest.approx(dp1_losses[step], abs=0.05)
+        # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 = 2e-3 per value); the losses of these
+        # 5 steps differ from fp32 by at most 9e-4 here (2-core x86 CPU): 5e-3 leaves room for other
+        # CPUs' bf16 kernels (AMX, emulated) rounding differently.
+        assert loss == pytest.approx(dp1_losses[step], abs=5e-3), (step, bf16, dp1_losses)
 
 
-@pytest.mark.skipif(FP16, reason=f"{FP16_WHY}: test_fp16_trains_close_to_fp32_and_resumes runs instead")
 def test_fp16_unsupported_is_a_clear_error(corpus, tmp_path):
     """Where the accelerator has no fp16 (a CPU without avx512_fp16/AMX-FP16), the run refuses
-    train.precision=fp16 in one line before building anything."""
+    train.precision=fp16 in one line before building anything. (Where it has fp16, the test tells it
+    otherwise, in the launched process only: tests/hooked_pretrain.py.)"""
     proc = launch(SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16"], launcher="python",
-                  check=False)
+                  check=False, hooks={"fp16": False} if FP16 else None)
     assert proc.returncode == 2 and "train.precision=fp16 is not supported" in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert "use train.precision=bf16 or fp32" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.skipif(not FP16, reason=f"{FP16_WHY}: test_fp16_unsupported_is_a_clear_error runs instead")
 def test_fp16_trains_close_to_fp32_and_resumes(corpus, tmp_path, dp1_losses):
-    """Where the accelerator has fp16 (e.g. a Xeon with avx512_fp16/AMX), fp16 with dynamic loss
-    scaling trains like fp32 (5 steps, 3 then resumed to 5), and the loss scaler's state is carried
-    across the resume."""
+    """fp16 with dynamic loss scaling trains like fp32 (5 steps, 3 then resumed to 5), and the loss
+    scaler's state is carried across the resume. Runs on every CPU: DeepSpeed's CPU accelerator
+    refuses fp16 without avx512_fp16/AMX-FP16, but torch computes it anyway (slowly), so the launched
+    process is told fp16 is supported (tests/hooked_pretrain.py; the user-facing refusal is tested above)."""
     common = SMALL + [f"data.path={corpus}", f"log.dir={tmp_path}", "train.precision=fp16", "parallel.zero_stage=1",
                       "train.decay_steps=5"]  # the 5-step schedule of dp1_losses, in both launches
-    launch(common + ["train.steps=3"], launcher="python")
-    out = launch(common + ["train.steps=5"], launcher="python")
+    launch(common + ["train.steps=3"], launcher="python", hooks={"fp16": True})
+    out = launch(common + ["train.steps=5"], launcher="python", hooks={"fp16": True})
     assert "resumed from" in out.stdout + out.stderr
     fp16 = losses(tmp_path)
     assert fp16.keys() == dp1_losses.keys() == {1, 2, 3, 4, 5}
     for step, loss in fp16.items():
-        assert loss == pytest.approx(dp1_losses[step], abs=0.05), (step, fp16, dp1_losses)
+        # fp16 keeps 11 bits of mantissa (relative rounding 2**-12 = 2.4e-4 per value), with fp32 master
+        # weights: these losses differ from fp32 by at most 1.1e-4 here (2-core x86 CPU); 1e-3 leaves
+        # room for other CPUs' fp16 kernels.
+        assert loss == pytest.approx(dp1_losses[step], abs=1e-3), (step, fp16, dp1_losses)
     assert all(r["skipped_steps"] == 0 for r in metrics(tmp_path))
     # fp16's dynamic loss scaler ran (an fp32 run saves none) and counted on from the checkpoint.
     scaler = {s: json.loads((tmp_path / "checkpoints" / f"step_0000000{s}" / "meta.json").read_text())["loss_scaler"]

@@ -11,9 +11,7 @@ DeepSpeed's per-parameter accessors, which keep only this rank's partition.
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -82,14 +80,12 @@ def _snapshot(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: in
     return pieces, rng_state(), meta
 
 
-def _write(tmp: Path, grid: D.Grid, pieces, rng, delay: float = 0.0) -> list[Path]:
+def _write(tmp: Path, grid: D.Grid, pieces, rng) -> list[Path]:
     """Write this rank's pieces (every rank writes each of its layers, even an empty piece: any piece
-    describes the layer) and RNG state; `delay` seconds before each file (the test hook WRITE_DELAY_ENV)."""
+    describes the layer) and RNG state."""
     written = []
     for layer, tensors, offsets, shapes, dims, taus in pieces:  # one layer at a time: bounded host memory
-        time.sleep(delay)
         written.append(write_piece(tmp, layer, grid.tp_rank, grid.dp_rank, tensors, offsets, shapes, dims, taus))
-    time.sleep(delay)
     written.append(tmp / f"rng-{grid.rank:05d}.safetensors")
     save_safetensors(rng, written[-1], {})
     return written
@@ -136,9 +132,6 @@ def save(engine, cfg: Config, grid: D.Grid, step: int, consumed_samples: int, ru
     return ckpt_dir / tag
 
 
-# Test hook: seconds the background writer sleeps before each file, so that a test can kill the
-# process while a write is in flight (tests/test_async_save.py). Read by the writer thread only.
-WRITE_DELAY_ENV = "MEGATRON_TOKENFORMER_TEST_WRITE_DELAY"
 DONE = "done-"  # a rank's marker in the staging directory: its files are complete, with their entries
 
 
@@ -177,17 +170,16 @@ class AsyncSave:
         except (OSError, RuntimeError) as e:
             raise _write_error(self.ckpt_dir, self.tag, e) from None
         umask_mode()  # read the umask here, not while the loop's threads may create files
-        delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
         self._snap = snap
         # a daemon: a process that dies (an error, a kill) does not wait for the write
-        self.thread = threading.Thread(target=self._run, args=(delay, cfg.checkpoint.keep_last),
+        self.thread = threading.Thread(target=self._run, args=(cfg.checkpoint.keep_last,),
                                        name=f"checkpoint-{self.tag}", daemon=True)
         self.thread.start()
 
-    def _run(self, delay: float, keep_last: int) -> None:
+    def _run(self, keep_last: int) -> None:
         (pieces, rng, meta), self._snap = self._snap, None
         try:
-            written = _write(self.tmp, self.grid, pieces, rng, delay)
+            written = _write(self.tmp, self.grid, pieces, rng)
             del pieces, rng  # free the host copy as soon as it is on disk
             entries = {f.name: file_entry(f) for f in written}
             atomic_write_text(self.tmp / f"{DONE}{self.grid.rank:05d}.json", json.dumps(entries))
