@@ -135,8 +135,8 @@ def _usage_at(rank, world, lineage):
 
 
 def _scaler(rank, world):
-    """A real fp32 ZeRO-1 engine with DeepSpeed's dynamic loss scaler in it (fp16 itself is refused
-    by this CPU's accelerator): loss_scale reads the scaler's value as it changes."""
+    """A real fp32 ZeRO-1 engine with DeepSpeed's dynamic loss scaler put in it: loss_scale reads the
+    scaler's value as it changes (the fp16 run below reads it end to end)."""
     import deepspeed
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
