@@ -1,6 +1,7 @@
 """Error handling shared by the launch scripts: a bad input prints one clear line, not a traceback."""
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import UserError
@@ -13,7 +14,9 @@ def run(config_path: str | None, overrides: list[str], help_config: bool | str =
 
     if help_config:
         try:
-            print(help_text(config_path, overrides, None if help_config is True else help_config))
+            print(help_text(config_path, overrides, None if help_config is True else help_config), flush=True)
+        except BrokenPipeError:  # `--help-config | head`: the reader has what it wanted, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush goes nowhere
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2

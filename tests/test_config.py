@@ -222,3 +222,22 @@ def test_help_config_key_prints_its_whole_text(capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == ("error: --help-config train.stpes: no such config key; did you mean "
                                          "train.steps? `--help-config` alone lists them all")
+
+
+def test_help_config_into_a_pipe_closed_early_is_no_error():
+    """`--help-config | head`: head exits after its lines and the rest of the text meets a closed pipe;
+    the script stops quietly with exit 0. Here the pipe's reader is gone before the first write."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--help-config"], cwd=ROOT,
+                              env=env(), stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
