@@ -121,7 +121,8 @@ def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[i
     if cfg.parallel.pipeline > 1:
         model, partition_text = build_pipeline(cfg, vocab, ps)
     else:
-        model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
+        model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed,
+                                 sequence_parallel=cfg.parallel.sequence_parallel)
         if speed_choices(cfg)["compile"]:  # per block, in place: one graph for all blocks; parameter names unchanged
             for block in model.blocks:
                 block.compile()

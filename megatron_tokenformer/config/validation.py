@@ -161,6 +161,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if g.freeze_old_steps:
             need(freeze_layout_problem(cfg) is None, f"growth[{i}].freeze_old_steps: {freeze_layout_problem(cfg)}")
     _check_deepspeed(cfg)
+    _check_sequence_parallel(cfg)
     if world_size is not None:
         mp = p.tensor * p.pipeline
         need(world_size % mp == 0,
@@ -185,6 +186,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
              "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
              "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+
+
+def _check_sequence_parallel(cfg: Config) -> None:
+    """Sequence parallelism shards the sequence over the tensor ranks: it needs several, and a
+    sequence length they divide."""
+    p, m = cfg.parallel, cfg.model
+    if not p.sequence_parallel:
+        return
+    if p.tensor < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the sequence "
+                          f"over the tensor ranks; got parallel.tensor={p.tensor}); set "
+                          "parallel.sequence_parallel=false or raise parallel.tensor")
+    if m.seq_length % p.tensor:
+        raise ConfigError(f"parallel.sequence_parallel=true: model.seq_length={m.seq_length} is not divisible by "
+                          f"parallel.tensor={p.tensor}; pick a multiple of {p.tensor} or set "
+                          "parallel.sequence_parallel=false")
 
 
 def _validate_tasks(cfg: Config, need, world_size: int | None) -> None:

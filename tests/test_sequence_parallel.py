@@ -1,0 +1,116 @@
+"""Sequence parallelism against plain tensor parallelism on real gloo groups: a Pattention of each
+kind and the whole model give the same outputs and gradients (dropout and activation checkpointing
+included), while the input each Pattention keeps for backward is this rank's shard only."""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_on_ranks
+from megatron_tokenformer import Pattention, TokenFormerModel
+from megatron_tokenformer import mappings as M
+from megatron_tokenformer.config import ModelConfig
+from test_tensor_parallel import close
+
+
+def _saved_bytes(module, fn) -> int:
+    """Bytes of the distinct tensors, other than module's parameters (or views of them), that autograd
+    keeps for backward while fn runs."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def _layers(rank, world, group):
+    x_full = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(7))
+    feat = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    seq = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    for impl in ("fused", "reference"):
+        for kw in (dict(groups=3, output="scatter"), dict(input="sharded"), dict()):
+            torch.manual_seed(0)
+            tp = Pattention(16, 16, 8, tp_group=group, impl=impl, **kw)
+            torch.manual_seed(0)
+            sp = Pattention(16, 16, 8, tp_group=group, impl=impl, sequence_parallel=True, **kw)
+            sharded_in = kw.get("input") == "sharded"
+            x_tp = (x_full[..., feat] if sharded_in else x_full).clone().requires_grad_()
+            x_sp = (x_full[..., feat] if sharded_in else x_full[:, seq]).clone().requires_grad_()
+            y_tp = tp(x_tp)
+            y_sp, kept = _saved_bytes(sp, lambda: sp(x_sp))
+            w = torch.randn(y_tp.shape, generator=torch.Generator().manual_seed(3))  # arbitrary upstream grad
+            (y_tp * w).sum().backward()
+            if kw.get("output") == "scatter":  # heads: the whole sequence, as without sequence parallelism
+                close(y_sp, y_tp, f"{impl} {kw} output")
+                (y_sp * w).sum().backward()
+            else:
+                close(y_sp, y_tp[:, seq], f"{impl} {kw} output")
+                (y_sp * w[:, seq]).sum().backward()
+            close(x_sp.grad, x_tp.grad if sharded_in else x_tp.grad[:, seq], f"{impl} {kw} input grad")
+            for name, p in sp.named_parameters():
+                close(p.grad, dict(tp.named_parameters())[name].grad, f"{impl} {kw} grad {name}")
+            if impl == "fused":  # the input kept for backward is the shard, never the gathered whole
+                scores = 2 * 8 * kw.get("groups", 1) * 8 // world * 4
+                stats = 2 * 8 * kw.get("groups", 1) * 4
+                assert kept == x_sp.numel() * 4 + scores + stats, (kw, kept)
+
+
+def _model(rank, world, group, norm, checkpointing):
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, qkv_tokens=16, proj_tokens=16, ffn_tokens=32,
+                      seq_length=8, norm=norm, dropout=0.1)
+    torch.manual_seed(0)
+    tp = TokenFormerModel(cfg, 64, tp_group=group, seed=5)
+    sp = TokenFormerModel(dataclasses.replace(cfg, activation_checkpointing=checkpointing), 64, tp_group=group,
+                          seed=5, sequence_parallel=True)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (tp, sp):
+        torch.manual_seed(11)  # the same dropout stream on both (and on every tensor rank)
+        loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        losses.append(loss)
+    close(losses[1], losses[0], "loss")
+    assert losses[0].item() != pytest.approx(tp.eval()(ids[:, :-1], ids[:, 1:]).item(), abs=1e-6)  # dropout acted
+    for (name, p), q in zip(sp.named_parameters(), tp.parameters()):
+        close(p.grad, q.grad, f"grad {name}")
+    with torch.no_grad():  # evaluation: the logits of the whole sequence
+        close(sp.eval()(ids[:, 1:]), tp.eval()(ids[:, 1:]), "logits")
+
+
+def _all(rank, world):
+    group = dist.new_group(list(range(world)))
+    _layers(rank, world, group)
+    _model(rank, world, group, "l2_norm_gelu", checkpointing=True)
+    _model(rank, world, group, "softmax", checkpointing=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_parity_with_tensor_parallel(world):
+    run_on_ranks(world, _all)
+
+
+@pytest.mark.parametrize("override, words, fix", [
+    (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=true", "parallel.tensor=1"],
+     ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    (["parallel.tensor=4", "parallel.sequence_parallel=true", "model.seq_length=66"],
+     ["model.seq_length=66", "parallel.tensor=4", "multiple of 4"],
+     ["parallel.tensor=4", "parallel.sequence_parallel=true", "model.seq_length=64"]),
+])
+def test_config_errors(override, words, fix):
+    """Sequence parallelism needs tensor ranks and a sequence they divide: one error naming both values,
+    and the fix it suggests loads."""
+    from megatron_tokenformer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yml", override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert load_config("configs/tiny.yml", fix).parallel.sequence_parallel
