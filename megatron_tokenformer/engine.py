@@ -73,6 +73,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.sequence_parallel and cfg.parallel.pipeline > 1:
+        # DeepSpeed's pipeline sends 1/tensor of an activation it takes to be the same on every tensor
+        # rank and gathers it back; under sequence parallelism each rank's is its own shard: send it whole.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":

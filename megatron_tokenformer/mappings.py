@@ -156,7 +156,8 @@ class _ScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2)
+        # contiguous: the residual stream (and what a pipeline stage sends on) is this shard
+        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2).contiguous()
 
     @staticmethod
     def backward(ctx, g):

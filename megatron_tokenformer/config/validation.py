@@ -26,6 +26,8 @@ DEEPSPEED_OWNED = {
     "fp16.loss_scale": "train.precision (fp16 always scales dynamically)",
     "fp16.initial_scale_power": "train.precision (fp16 starts at 2**16)",
     "amp.enabled": "train.precision",
+    "pipeline.pipe_partitioned": "parallel.sequence_parallel (off with it, on without)",
+    "pipeline.grad_partitioned": "parallel.sequence_parallel (off with it, on without)",
     "torch_autocast.enabled": "train.precision",
     "optimizer": "train.lr, train.beta1, train.beta2, train.adam_eps and train.weight_decay (torch's AdamW)",
     "scheduler": "train.lr, train.min_lr, train.warmup_steps and train.decay_steps",
