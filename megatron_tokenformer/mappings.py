@@ -95,7 +95,9 @@ def _reduce_scatter_dim(x: torch.Tensor, group, phase: str, op: str, dim: int = 
     out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, src, group, 1.0)
     _reduce_scatter_into(out, src, group=group)
-    return out.movedim(0, dim)
+    # contiguous: attention's fast kernels need unit stride in the last dim (else a math fallback
+    # keeps the T x T probabilities), and a pipeline stage sends the residual shard as it is
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyTo(torch.autograd.Function):
@@ -156,8 +158,7 @@ class _ScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        # contiguous: the residual stream (and what a pipeline stage sends on) is this shard
-        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2).contiguous()
+        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2)
 
     @staticmethod
     def backward(ctx, g):
