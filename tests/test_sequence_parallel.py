@@ -34,7 +34,7 @@ def _layers(rank, world, group):
     x_full = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(7))
     feat = slice(rank * 16 // world, (rank + 1) * 16 // world)
     seq = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    for impl in ("fused", "reference"):
+    for impl in ("fused", "compiled", "reference"):
         for kw in (dict(groups=3, output="scatter"), dict(input="sharded"), dict()):
             torch.manual_seed(0)
             tp = Pattention(16, 16, 8, tp_group=group, impl=impl, **kw)
@@ -56,7 +56,7 @@ def _layers(rank, world, group):
             close(x_sp.grad, x_tp.grad if sharded_in else x_tp.grad[:, seq], f"{impl} {kw} input grad")
             for name, p in sp.named_parameters():
                 close(p.grad, dict(tp.named_parameters())[name].grad, f"{impl} {kw} grad {name}")
-            if impl == "fused":  # the input kept for backward is the shard, never the gathered whole
+            if impl != "reference":  # the input kept for backward is the shard, never the gathered whole
                 scores = 2 * 8 * kw.get("groups", 1) * 8 // world * 4
                 stats = 2 * 8 * kw.get("groups", 1) * 4
                 assert kept == x_sp.numel() * 4 + scores + stats, (kw, kept)
@@ -127,11 +127,13 @@ GROWTH = "growth=[{at_step: 5, qkv_tokens: 128, proj_tokens: 96, ffn_tokens: 256
 
 
 def _train(corpus, run, over, nproc=2):
-    from helpers import SMALL, launch, losses
+    """The losses of 10 steps, with the validation loss of step 10 as step 0."""
+    from helpers import SMALL, launch, losses, metrics
 
     launch(SMALL + [f"data.path={corpus}", f"log.dir={run}", "train.steps=10", "parallel.tensor=2", *over],
            nproc=nproc)
-    return losses(run)
+    valid = [m["valid_loss"] for m in metrics(run) if "valid_loss" in m]
+    return {**losses(run), **({0: valid[-1]} if valid else {})}
 
 
 def _same(got, want, what, steps=range(1, 11)):
@@ -144,16 +146,18 @@ def _same(got, want, what, steps=range(1, 11)):
 def test_training_equals_tensor_parallel(corpus, tmp_path):
     """10 steps with sequence parallelism log the losses of plain tensor parallelism (within 1e-5): at
     TP=2 with dropout, activation checkpointing and growth in the launch; at TP=2 x PP=2 and TP=2 x DP=2
-    (ZeRO-2) without dropout. Resumed with it from a checkpoint written without it, the run goes on
+    (ZeRO-2) without dropout, and the validation loss of an evaluation during training at TP=2 x PP=2. Resumed with it from a checkpoint written without it, the run goes on
     bit-exact (at TP=2 every sum over the tensor ranks is a + b, whichever collective takes it)."""
     SP = "parallel.sequence_parallel=true"
     drop = ["model.dropout=0.1", GROWTH]
     _same(_train(corpus, tmp_path / "sp_drop", [*drop, SP, "model.activation_checkpointing=true"]),
           _train(corpus, tmp_path / "tp_drop", drop), "TP=2, dropout, growth")
-    plain = _train(corpus, tmp_path / "tp", ["checkpoint.interval=5"])
+    evals = ["eval.interval=10", "eval.steps=2"]  # evaluation during training: the same validation loss
+    plain = _train(corpus, tmp_path / "tp", ["checkpoint.interval=5", *evals])
     resumed = _train(corpus, tmp_path / "resumed", [SP, f"checkpoint.load={tmp_path / 'tp' / 'checkpoints' / 'step_00000005'}"])
     assert resumed == {s: plain[s] for s in range(6, 11)}, (resumed, plain)
-    _same(_train(corpus, tmp_path / "pp", [SP, "parallel.pipeline=2"], nproc=4), plain, "TP=2 x PP=2")
+    _same(_train(corpus, tmp_path / "pp", [SP, "parallel.pipeline=2", *evals], nproc=4), plain, "TP=2 x PP=2",
+          range(0, 11))
     _same(_train(corpus, tmp_path / "dp", [SP, "parallel.zero_stage=2"], nproc=4), plain, "TP=2 x DP=2")
 
 
