@@ -84,7 +84,8 @@ class Plan:
     def row(self) -> str:
         ck = "yes" if self.activation_checkpointing else "no"
         sp = "yes" if self.sequence_parallel else "no"
-        return (f"| {self.tensor} | {sp} | {self.pipeline} | {self.data} | {self.zero_stage} | {ck} | {self.micro_batches} | "
+        return (f"| {self.tensor} | {sp} | {self.pipeline} | {self.data} | {self.zero_stage} | {ck} | "
+                f"{self.micro_batches} | "
                 f"{self.weights_gb:.1f} | {self.grads_gb:.1f} | {self.optimizer_gb:.1f} | {self.activations_gb:.1f} | "
                 f"{self.total_gb:.1f} | {self.step_s:.2f} | {self.tokens_per_sec:,.0f} | {self.bubble:.0%} |")
 

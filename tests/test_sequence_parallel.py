@@ -146,16 +146,21 @@ def _same(got, want, what, steps=range(1, 11)):
 def test_training_equals_tensor_parallel(corpus, tmp_path):
     """10 steps with sequence parallelism log the losses of plain tensor parallelism (within 1e-5): at
     TP=2 with dropout, activation checkpointing and growth in the launch; at TP=2 x PP=2 and TP=2 x DP=2
-    (ZeRO-2) without dropout, and the validation loss of an evaluation during training at TP=2 x PP=2. Resumed with it from a checkpoint written without it, the run goes on
-    bit-exact (at TP=2 every sum over the tensor ranks is a + b, whichever collective takes it)."""
+    (ZeRO-2) without dropout, and the validation loss of an evaluation during training at TP=2 x PP=2.
+    Resumed with it from a checkpoint written without it, the first step is bit-exact (a forward from the
+    same weights: at TP=2 each sum over the tensor ranks is a + b, whichever collective takes it) and the
+    rest within 1e-5 (the final norm's gradient is summed per shard first: the same bits on the machine
+    where this was written, but not by construction)."""
     SP = "parallel.sequence_parallel=true"
     drop = ["model.dropout=0.1", GROWTH]
     _same(_train(corpus, tmp_path / "sp_drop", [*drop, SP, "model.activation_checkpointing=true"]),
           _train(corpus, tmp_path / "tp_drop", drop), "TP=2, dropout, growth")
     evals = ["eval.interval=10", "eval.steps=2"]  # evaluation during training: the same validation loss
     plain = _train(corpus, tmp_path / "tp", ["checkpoint.interval=5", *evals])
-    resumed = _train(corpus, tmp_path / "resumed", [SP, f"checkpoint.load={tmp_path / 'tp' / 'checkpoints' / 'step_00000005'}"])
-    assert resumed == {s: plain[s] for s in range(6, 11)}, (resumed, plain)
+    at_5 = tmp_path / "tp" / "checkpoints" / "step_00000005"
+    resumed = _train(corpus, tmp_path / "resumed", [SP, f"checkpoint.load={at_5}"])
+    _same(resumed, plain, "resumed with it", range(6, 11))
+    assert resumed[6] == plain[6], (resumed[6], plain[6])
     _same(_train(corpus, tmp_path / "pp", [SP, "parallel.pipeline=2", *evals], nproc=4), plain, "TP=2 x PP=2",
           range(0, 11))
     _same(_train(corpus, tmp_path / "dp", [SP, "parallel.zero_stage=2"], nproc=4), plain, "TP=2 x DP=2")
@@ -180,4 +185,5 @@ def test_planner_counts_the_sharded_activations():
     assert {t[0] for t in twins} == {2, 4, 8}
     for p in every:
         if p.tensor > 1 and not p.sequence_parallel:
-            assert twins[(p.tensor, p.pipeline, p.zero_stage, p.activation_checkpointing)].activations_gb < p.activations_gb
+            twin = twins[(p.tensor, p.pipeline, p.zero_stage, p.activation_checkpointing)]
+            assert twin.activations_gb < p.activations_gb
