@@ -73,6 +73,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.sequence_parallel and cfg.parallel.pipeline > 1:
+        # DeepSpeed's pipeline sends 1/tensor of an activation it takes to be the same on every tensor
+        # rank and gathers it back; under sequence parallelism each rank's is its own shard: send it whole.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
@@ -121,7 +125,8 @@ def build_engine(cfg: Config, vocab: int, ps: D.ParallelState, schedule: tuple[i
     if cfg.parallel.pipeline > 1:
         model, partition_text = build_pipeline(cfg, vocab, ps)
     else:
-        model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed)
+        model = TokenFormerModel(cfg.model, vocab, tp_group=ps.tp_group, seed=cfg.train.seed,
+                                 sequence_parallel=cfg.parallel.sequence_parallel)
         if speed_choices(cfg)["compile"]:  # per block, in place: one graph for all blocks; parameter names unchanged
             for block in model.blocks:
                 block.compile()

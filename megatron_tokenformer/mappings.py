@@ -10,6 +10,15 @@ the model reads as single-device code. Pairs (forward / backward):
     sum_stat       all-reduce      / all-reduce      row statistics every rank uses (DESIGN.md section 3)
     max_stat       all-reduce max  (no gradient: used only to stabilise softmax)
 
+Sequence parallelism (parallel.sequence_parallel) adds the pair along the sequence (dim -2 of
+(..., T, d) activations), Megatron's conjugates of copy_to / reduce_from:
+
+    gather_seq     all-gather      / reduce-scatter  a sequence shard -> the whole sequence
+    scatter_seq    reduce-scatter  / all-gather      partial outputs of token shards -> a sequence shard
+
+`gather` and `reduce_scatter_into` are the same collectives without autograd, for hand-written
+backward passes that keep their input sharded and gather it again in backward.
+
 `count_comm()` records the bytes each rank sends, with the usual ring-algorithm factors
 (all-reduce 2(p-1)/p, all-gather and reduce-scatter (p-1)/p of the full tensor).
 Code elsewhere never calls torch.distributed's collectives on the tensor group directly: it uses
@@ -68,22 +77,27 @@ def _all_reduce(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
     return x
 
 
-def _gather_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+def _gather_dim(x: torch.Tensor, group, phase: str, op: str, dim: int = -1) -> torch.Tensor:
     p = group_size(group)
-    src = x.movedim(-1, 0).contiguous()
+    src = x.movedim(dim, 0).contiguous()
     out = torch.empty((p * src.shape[0], *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, out, group, 1.0)
     _all_gather_into(out, src, group=group)
-    return out.movedim(0, -1)
+    return out.movedim(0, dim)
 
 
-def _reduce_scatter_last(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
+def _reduce_scatter_dim(x: torch.Tensor, group, phase: str, op: str, dim: int = -1) -> torch.Tensor:
     p = group_size(group)
-    src = x.movedim(-1, 0).contiguous()
+    if x.shape[dim] % p:
+        raise ValueError(f"cannot split a dimension of {x.shape[dim]} over {p} tensor-parallel ranks "
+                         "(sequence parallelism needs model.seq_length divisible by parallel.tensor)")
+    src = x.movedim(dim, 0).contiguous()
     out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=x.dtype, device=x.device)
     _record(op, phase, src, group, 1.0)
     _reduce_scatter_into(out, src, group=group)
-    return out.movedim(0, -1)
+    # contiguous: attention's fast kernels need unit stride in the last dim (else a math fallback
+    # keeps the T x T probabilities), and a pipeline stage sends the residual shard as it is
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyTo(torch.autograd.Function):
@@ -111,22 +125,44 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_last(x, group, "fwd", "reduce_scatter")
+        return _reduce_scatter_dim(x, group, "fwd", "reduce_scatter")
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_last(g, ctx.group, "bwd", "reduce_scatter"), None
+        return _gather_dim(g, ctx.group, "bwd", "reduce_scatter"), None
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_last(x, group, "fwd", "all_gather")
+        return _gather_dim(x, group, "fwd", "all_gather")
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter_last(g, ctx.group, "bwd", "all_gather"), None
+        return _reduce_scatter_dim(g, ctx.group, "bwd", "all_gather"), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_dim(x, group, "fwd", "gather_seq", dim=-2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_dim(g, ctx.group, "bwd", "gather_seq", dim=-2), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_dim(g, ctx.group, "bwd", "scatter_seq", dim=-2), None
 
 
 class _SumStat(torch.autograd.Function):
@@ -157,6 +193,22 @@ def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _AllGather.apply(x, group)
 
 
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's sequence shard (..., T/p, d) -> the whole sequence (..., T, d), ranks in order."""
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums (..., T, d) of every rank -> this rank's shard (..., T/p, d) of their sum."""
+    return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
+
+
+def seq_shard(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's slice along the sequence of a tensor every rank holds whole (no communication)."""
+    p = group_size(group)
+    return x if p == 1 else x.chunk(p, dim=-2)[group_rank(group)]
+
+
 def sum_stat(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _SumStat.apply(x, group)
 
@@ -173,6 +225,16 @@ def max_stat(x: torch.Tensor, group) -> torch.Tensor:
 def all_reduce_sum(x: torch.Tensor, group, phase: str, op: str) -> torch.Tensor:
     """A plain (no autograd) sum over the group, counted; for hand-written backward passes."""
     return x if group_size(group) == 1 else _all_reduce(x, group, phase, op)
+
+
+def gather(x: torch.Tensor, group, dim: int, phase: str, op: str) -> torch.Tensor:
+    """A plain (no autograd) all-gather along `dim`, counted; for hand-written backward passes."""
+    return x if group_size(group) == 1 else _gather_dim(x, group, phase, op, dim)
+
+
+def reduce_scatter_into(x: torch.Tensor, group, dim: int, phase: str, op: str) -> torch.Tensor:
+    """A plain (no autograd) reduce-scatter along `dim`, counted; for hand-written backward passes."""
+    return x if group_size(group) == 1 else _reduce_scatter_dim(x, group, phase, op, dim)
 
 
 def gather_param(p: torch.Tensor, group, dim: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ The model is a flat sequence of layers (embedding, blocks, head) so a pipeline c
 Tensor parallelism (a `tp_group` of size p) is swapped in, not sprinkled: each Pattention holds
 1/p of its tokens, Q/K/V come out split by heads (reduce-scatter), attention runs on this rank's
 heads, the output projection gathers them back, and embedding and loss are vocab-parallel.
+Sequence parallelism (`sequence_parallel`) keeps the residual stream, the norms and dropout on
+this rank's shard of the sequence: the Pattentions gather it and scatter their outputs back.
 """
 from __future__ import annotations
 
@@ -80,29 +82,48 @@ class KVCache:
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
+class SequenceShardDropout(nn.Dropout):
+    """nn.Dropout of a sequence shard (dim -2) with the mask the whole sequence gets: every tensor
+    rank draws the same full mask from the shared stream and keeps its slice, so results do not
+    depend on the tensor size (Megatron instead draws a per-rank stream here)."""
+
+    def __init__(self, p: float, tp_group=None):
+        super().__init__(p)
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p > 0) or M.group_size(self.tp_group) == 1:
+            return super().forward(x)
+        whole = (*x.shape[:-2], x.shape[-2] * M.group_size(self.tp_group), x.shape[-1])
+        keep = F.dropout(x.new_ones(whole), self.p)  # 0 or 1/(1-p), as F.dropout(x) scales
+        return x * M.seq_shard(keep, self.tp_group).contiguous()
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: config.ModelConfig, tp_group=None, seed: int | None = None):
+    def __init__(self, cfg: config.ModelConfig, tp_group=None, seed: int | None = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         with seeded(seed):
-            self._build(cfg, tp_group)
+            self._build(cfg, tp_group, sequence_parallel)
 
-    def _build(self, cfg: config.ModelConfig, tp_group) -> None:
+    def _build(self, cfg: config.ModelConfig, tp_group, sequence_parallel: bool) -> None:
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads // M.group_size(tp_group), d // cfg.num_heads  # local heads
         value_std = 2.0 / (cfg.num_layers * math.sqrt(d))  # "wang" init
         kw = dict(norm=cfg.norm, key_std=cfg.init_std, value_std=value_std, tp_group=tp_group,
-                  impl=cfg.pattention_impl)
+                  impl=cfg.pattention_impl, sequence_parallel=sequence_parallel)
         self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.qkv = Pattention(d, d, cfg.qkv_tokens, groups=3, output="scatter", **kw)
         self.proj = Pattention(d, d, cfg.proj_tokens, input="sharded", **kw)
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
         self.ffn = Pattention(d, d, cfg.ffn_tokens, **kw)
         self.rotary = Rotary(int(self.head_dim * cfg.rotary_pct), cfg.rotary_base)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = SequenceShardDropout(cfg.dropout, tp_group if sequence_parallel else None)
 
     def attention(self, x: torch.Tensor, cache=None, layer_idx: int = 0, offset: int = 0) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(3, b, t, self.num_heads, self.head_dim).transpose(2, 3).unbind(0)
+        qkv = self.qkv(x)  # (3, B, T, local heads x head_dim): the whole sequence, this rank's heads
+        _, b, t, _ = qkv.shape
+        q, k, v = qkv.view(3, b, t, self.num_heads, self.head_dim).transpose(2, 3).unbind(0)
         q, k = self.rotary(q, k, offset)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -122,27 +143,34 @@ class FinalNorm(nn.Module):
     """Affine LayerNorm with a zero-centred gain (out = LN(x) * (1 + g) + b, g initialised to 0),
     so that weight decay, applied to every parameter, pulls it towards identity, not towards zero."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, seq_group=None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.seq_group = eps, seq_group
         self.weight = nn.Parameter(torch.zeros(hidden_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], 1 + self.weight, self.bias, self.eps)
+        # On a sequence shard (seq_group) each rank's gradient covers its tokens only: copy_to sums them.
+        weight, bias = M.copy_to(self.weight, self.seq_group), M.copy_to(self.bias, self.seq_group)
+        return F.layer_norm(x, x.shape[-1:], 1 + weight, bias, self.eps)
 
 
 class TokenFormerModel(nn.Module):
     """`forward(input_ids)` gives logits (B, T, vocab/p); with `labels` it gives the mean token loss.
-    With a `cache` (KVCache, or transformers' DynamicCache) input_ids continue the cached positions."""
+    With a `cache` (KVCache, or transformers' DynamicCache) input_ids continue the cached positions.
+    `sequence_parallel` (with a tp_group) shards the sequence between the Pattentions (training)."""
 
-    def __init__(self, cfg: config.ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None):
+    def __init__(self, cfg: config.ModelConfig, vocab_size: int, tp_group=None, seed: int | None = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         seeds = layer_seeds(seed, cfg.num_layers)
-        self.embed = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_std, tp_group, seed=seeds[0])
-        self.blocks = nn.ModuleList(Block(cfg, tp_group, seed=seeds[1 + i]) for i in range(cfg.num_layers))
-        self.final_norm = FinalNorm(cfg.hidden_size, cfg.norm_eps)
+        sp = sequence_parallel
+        self.embed = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_std, tp_group, seed=seeds[0],
+                                            sequence_parallel=sp)
+        self.blocks = nn.ModuleList(Block(cfg, tp_group, seed=seeds[1 + i], sequence_parallel=sp)
+                                    for i in range(cfg.num_layers))
+        self.final_norm = FinalNorm(cfg.hidden_size, cfg.norm_eps, tp_group if sp else None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         x = self.embed(input_ids)

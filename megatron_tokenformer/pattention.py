@@ -142,32 +142,46 @@ class _FusedPattention(torch.autograd.Function):
     elementwise rest in backward. Row statistics are summed over the tensor group in both
     directions (the only collectives inside). With `compiled`, the elementwise passes run as
     torch.compile'd kernels: one or two passes over the scores each way.
-    Shapes: x (N, in), K (g, n, in), V (g, n, out) -> O (g, N, out); theta over each group's n.
+    With `gather_dim` (sequence parallelism), x is this rank's shard along that dim: it is
+    all-gathered here, kept sharded for backward and gathered again there (Megatron's trade of
+    one more all-gather for 1/p of the memory), and its gradient is reduce-scattered back.
+    Shapes: x (..., in), K (g, n, in), V (g, n, out) -> O (g, ..., out); theta over each group's n.
     """
 
     @staticmethod
-    def forward(ctx, x, K, V, norm, tau, eps, group, compiled=False):
+    def forward(ctx, x, K, V, norm, tau, eps, group, compiled=False, gather_dim=None):
         g, n, d_in = K.shape
-        s = (x @ K.reshape(g * n, d_in).t()).view(-1, g, n)
+        x_kept = x
+        if gather_dim is not None:
+            x = M.gather(x, group, gather_dim, "fwd", "pattention_input")
+        lead = x.shape[:-1]
+        s = (x.reshape(-1, d_in) @ K.reshape(g * n, d_in).t()).view(-1, g, n)
         fwd, _ = _kernels(compiled, group)
         a, stats = fwd(s, norm, tau, eps, group)
         out = torch.bmm(a.to(V.dtype).transpose(0, 1), V)
-        ctx.save_for_backward(x, K, V, s, *stats)
-        ctx.norm, ctx.tau, ctx.group, ctx.compiled = norm, tau, group, compiled
-        return out
+        ctx.save_for_backward(x_kept, K, V, s, *stats)
+        ctx.norm, ctx.tau, ctx.group, ctx.compiled, ctx.gather_dim = norm, tau, group, compiled, gather_dim
+        return out.view(g, *lead, V.shape[-1])
 
     @staticmethod
     def backward(ctx, d_out):
         x, K, V, s, *stats = ctx.saved_tensors
+        if ctx.gather_dim is not None:
+            x = M.gather(x, ctx.group, ctx.gather_dim, "bwd", "pattention_input")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         g, n, d_in = K.shape
+        d_out = d_out.reshape(g, -1, d_out.shape[-1])
         d_a = torch.bmm(d_out, V.transpose(1, 2)).transpose(0, 1)                   # (N, g, n)
         _, bwd = _kernels(ctx.compiled, ctx.group)
         a, d_s = bwd(s, tuple(stats), d_a, ctx.norm, ctx.tau, ctx.group)
         d_v = torch.bmm(a.to(V.dtype).transpose(0, 1).transpose(1, 2), d_out)       # (g, n, out)
         d_s = d_s.to(x.dtype).reshape(-1, g * n)
-        d_x = d_s @ K.reshape(g * n, d_in)
+        d_x = (d_s @ K.reshape(g * n, d_in)).view(*lead, d_in)
+        if ctx.gather_dim is not None:  # this rank's token shard gave a partial input gradient
+            d_x = M.reduce_scatter_into(d_x, ctx.group, ctx.gather_dim, "bwd", "pattention_input")
         d_k = (d_s.t() @ x).view(g, n, d_in)
-        return d_x, d_k, d_v, None, None, None, None, None
+        return d_x, d_k, d_v, None, None, None, None, None, None
 
 
 class Pattention(nn.Module):
@@ -182,11 +196,14 @@ class Pattention(nn.Module):
     `output`: "reduce" (full output on every rank) or "scatter" (this rank's slice of the last dim).
     `impl`: "fused" (hand-written backward keeping only the scores), "compiled" (the same with its
     elementwise passes compiled into fused kernels) or "reference" (autograd through the formulas).
+    `sequence_parallel`: x and the output are this rank's shard of the sequence (dim -2) where
+    they would be whole: replicated input is all-gathered, reduced output reduce-scattered.
     """
 
     def __init__(self, in_features: int, out_features: int, num_tokens: int, norm: str = "l2_norm_gelu",
                  tau: float | None = None, groups: int = 1, key_std: float = 0.02, value_std: float = 0.02,
-                 tp_group=None, input: str = "replicated", output: str = "reduce", impl: str = "fused"):
+                 tp_group=None, input: str = "replicated", output: str = "reduce", impl: str = "fused",
+                 sequence_parallel: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown Pattention norm {norm!r}; choose one of {', '.join(NORMS)}")
@@ -199,6 +216,7 @@ class Pattention(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"unknown Pattention impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
         self.tp_group, self.input, self.output, self.impl = tp_group, input, output, impl
+        self.sequence_parallel = sequence_parallel and tp > 1
         self.tau = float(tau) if tau is not None else default_tau(norm, num_tokens)  # global n
         lead = (groups,) if groups > 1 else ()
         local = num_tokens // tp
@@ -233,16 +251,20 @@ class Pattention(nn.Module):
                 f"norm={self.norm}, tau={self.tau:.4g}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grp = self.tp_group
-        x = M.all_gather(x, grp) if self.input == "sharded" else M.copy_to(x, grp)
+        grp, sp = self.tp_group, self.sequence_parallel
+        # With sequence parallelism the fused function gathers x itself, keeping it sharded for backward.
+        inner_gather = (-1 if self.input == "sharded" else -2) if sp and self.impl != "reference" else None
+        if inner_gather is None:
+            if self.input == "sharded":
+                x = M.all_gather(x, grp)
+            else:
+                x = M.gather_seq(x, grp) if sp else M.copy_to(x, grp)
         if self.impl != "reference":
             k, v = self.key_tokens, self.value_tokens
             if self.groups == 1:
                 k, v = k.unsqueeze(0), v.unsqueeze(0)
-            lead = x.shape[:-1]
-            out = _FusedPattention.apply(x.reshape(-1, self.in_features), k, v, self.norm, self.tau, EPS, grp,
-                                         self.impl == "compiled")
-            out = out.view(self.groups, *lead, self.out_features)
+            out = _FusedPattention.apply(x, k, v, self.norm, self.tau, EPS, grp, self.impl == "compiled",
+                                         inner_gather)
             if self.groups == 1:
                 out = out[0]
         elif self.groups == 1:
@@ -254,4 +276,6 @@ class Pattention(nn.Module):
             a = theta(scores.view(-1, g, n), self.norm, self.tau, group=grp)    # (N, g, n)
             out = torch.bmm(a.transpose(0, 1), self.value_tokens)                # (g, N, out)
             out = out.view(g, *lead, self.out_features)
-        return M.reduce_scatter(out, grp) if self.output == "scatter" else M.reduce_from(out, grp)
+        if self.output == "scatter":
+            return M.reduce_scatter(out, grp)
+        return M.scatter_seq(out, grp) if sp else M.reduce_from(out, grp)

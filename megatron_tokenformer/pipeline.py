@@ -92,12 +92,15 @@ def build_pipeline(cfg: Config, vocab_size: int, ps: ParallelState):
 
     m = cfg.model
     seeds = layer_seeds(cfg.train.seed, m.num_layers)
+    sp = cfg.parallel.sequence_parallel  # the tensor between stages is then this rank's sequence shard
     embed_args = (vocab_size, m.hidden_size, m.init_std, ps.tp_group)
-    specs = [TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], tied_weight_attr=["weight"]),
-             *[LayerSpec(Block, m, ps.tp_group, seed=seeds[1 + i]) for i in range(m.num_layers)],
-             LayerSpec(FinalNorm, m.hidden_size, m.norm_eps),
-             TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], forward_fn=_head,
-                           tied_weight_attr=["weight"])]
+    specs = [TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], sequence_parallel=sp,
+                           tied_weight_attr=["weight"]),
+             *[LayerSpec(Block, m, ps.tp_group, seed=seeds[1 + i], sequence_parallel=sp)
+               for i in range(m.num_layers)],
+             LayerSpec(FinalNorm, m.hidden_size, m.norm_eps, ps.tp_group if sp else None),
+             TiedLayerSpec("embed", VocabParallelEmbedding, *embed_args, seed=seeds[0], sequence_parallel=sp,
+                           forward_fn=_head, tied_weight_attr=["weight"])]
     table = layers(m, vocab_size)
     costs = [layer.flops for layer in table]
     parts = partition(costs, cfg.parallel.pipeline)

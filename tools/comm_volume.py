@@ -2,7 +2,8 @@
 
 A TokenFormer block (token-sharded Pattentions) beside a Megatron GPT block of the same width
 (column-parallel QKV and fc1, row-parallel output projection and fc2), both built on the same
-collectives in megatron_tokenformer/mappings.py and counted by the same counter.
+collectives in megatron_tokenformer/mappings.py and counted by the same counter; and the
+TokenFormer block under sequence parallelism (its backward gathers the sharded inputs again).
 
     python tools/comm_volume.py --hidden 1024 --tp 2 4 8 [--markdown]
 """
@@ -50,6 +51,11 @@ def _measure(rank, world, port, cfg_dict, tokens, out_q):
         with M.count_comm() as comm:
             block(x).sum().backward()
         result[name] = {f"{op}/{phase}": b / tokens for (op, phase), b in comm.items()}
+    if world > 1 and tokens % world == 0:  # sequence parallelism: this rank's shard of the tokens in and out
+        x = torch.randn(1, tokens // world, cfg.hidden_size, requires_grad=True)
+        with M.count_comm() as comm:
+            Block(cfg, group, sequence_parallel=True)(x).sum().backward()
+        result["tokenformer_sp"] = {f"{op}/{phase}": b / tokens for (op, phase), b in comm.items()}
     if rank == 0:
         out_q.put(result)
     dist.destroy_process_group()
@@ -88,6 +94,8 @@ def main() -> None:
         r = measure(cfg, tp, args.seq)
         rows.append({"tp": tp, "tokenformer": summarize(r["tokenformer"]), "megatron": summarize(r["megatron"]),
                      "tokenformer_ops": r["tokenformer"]})
+        if "tokenformer_sp" in r:
+            rows[-1].update(tokenformer_sp=summarize(r["tokenformer_sp"]), tokenformer_sp_ops=r["tokenformer_sp"])
     if not args.markdown:
         print(json.dumps(rows, indent=1))
         return
@@ -101,6 +109,17 @@ def main() -> None:
     print("\nTokenFormer per collective (TP=%d):\n" % rows[-1]["tp"])
     for k, v in sorted(rows[-1]["tokenformer_ops"].items()):
         print(f"- `{k}`: {v:.1f} B/token")
+    sp = [r for r in rows if "tokenformer_sp" in r]
+    if sp:
+        print("\nWith sequence parallelism (parallel.sequence_parallel=true):\n")
+        print("| TP | fwd | bwd | total | vs without |\n|---|---|---|---|---|")
+        for r in sp:
+            t = r["tokenformer_sp"]
+            print(f"| {r['tp']} | {t['fwd']:.0f} | {t['bwd']:.0f} | {t['total']:.0f} | "
+                  f"{t['total'] / r['tokenformer']['total']:.3f} |")
+        print("\nTokenFormer with sequence parallelism per collective (TP=%d):\n" % sp[-1]["tp"])
+        for k, v in sorted(sp[-1]["tokenformer_sp_ops"].items()):
+            print(f"- `{k}`: {v:.1f} B/token")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class ParallelConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (0-2) for the optimizer state (1) and gradients (2) over data-parallel ranks.
     bf16/fp16 need >= 1 (checkpoints read the fp32 master weights per parameter from it)."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (needs tensor > 1 and seq_length divisible by it): the residual
+    stream, norms and dropout run on 1/tensor of the sequence, so activation memory per rank falls by
+    about the tensor size, for the same communication volume. A runtime choice: checkpoints are the same."""
 
 
 @dataclass

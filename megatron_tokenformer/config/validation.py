@@ -26,6 +26,8 @@ DEEPSPEED_OWNED = {
     "fp16.loss_scale": "train.precision (fp16 always scales dynamically)",
     "fp16.initial_scale_power": "train.precision (fp16 starts at 2**16)",
     "amp.enabled": "train.precision",
+    "pipeline.pipe_partitioned": "parallel.sequence_parallel (off with it, on without)",
+    "pipeline.grad_partitioned": "parallel.sequence_parallel (off with it, on without)",
     "torch_autocast.enabled": "train.precision",
     "optimizer": "train.lr, train.beta1, train.beta2, train.adam_eps and train.weight_decay (torch's AdamW)",
     "scheduler": "train.lr, train.min_lr, train.warmup_steps and train.decay_steps",
@@ -96,6 +98,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_data_log_eval(cfg, world_size)
     _check_growth(cfg)
     _check_deepspeed(cfg)
+    _check_sequence_parallel(cfg)
     if world_size is not None:
         _check_world(cfg, world_size)
     _check_precision_and_pipeline(cfg)
@@ -231,6 +234,22 @@ def _check_precision_and_pipeline(cfg: Config) -> None:
               f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: ZeRO-2/3 partition "
               "gradients, which the pipeline engine accumulates across micro-batches itself, so DeepSpeed "
               "refuses them; set parallel.zero_stage=1 (optimizer state still sharded over data parallel)")
+
+
+def _check_sequence_parallel(cfg: Config) -> None:
+    """Sequence parallelism shards the sequence over the tensor ranks: it needs several, and a
+    sequence length they divide."""
+    p, m = cfg.parallel, cfg.model
+    if not p.sequence_parallel:
+        return
+    if p.tensor < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the sequence "
+                          f"over the tensor ranks; got parallel.tensor={p.tensor}); set "
+                          "parallel.sequence_parallel=false or raise parallel.tensor")
+    if m.seq_length % p.tensor:
+        raise ConfigError(f"parallel.sequence_parallel=true: model.seq_length={m.seq_length} is not divisible by "
+                          f"parallel.tensor={p.tensor}; pick a multiple of {p.tensor} or set "
+                          "parallel.sequence_parallel=false")
 
 
 def _validate_tasks(cfg: Config, need, world_size: int | None) -> None:
