@@ -250,10 +250,13 @@ def layer_usage(layer: Pattention, x: torch.Tensor, labels: torch.Tensor | None)
     over the layer's tensor group: row sums, entropy and shares are summed over it, so every rank
     gets the TP=1 numbers."""
     grp = layer.tp_group
-    if layer.input == "sharded" and M.group_size(grp) > 1:
+    # the whole input, as the layer itself gathers it: a head-sharded input along its features; with
+    # sequence parallelism a replicated one arrives as this rank's shard of the sequence (dim -2)
+    dim = -1 if layer.input == "sharded" else -2 if getattr(layer, "sequence_parallel", False) else None
+    if dim is not None and M.group_size(grp) > 1:
         parts = [torch.empty_like(x) for _ in range(M.group_size(grp))]
         dist.all_gather(parts, x.contiguous(), group=grp)
-        x = torch.cat(parts, dim=-1)
+        x = torch.cat(parts, dim=dim)
     x = x.reshape(-1, layer.in_features)
     k = layer.key_tokens if layer.groups > 1 else layer.key_tokens.unsqueeze(0)  # (g, n_local, in)
     g, n_local, _ = k.shape

@@ -126,12 +126,13 @@ def _usage_at(rank, world, lineage):
         cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=4, qkv_tokens=16, proj_tokens=8, ffn_tokens=32,
                           seq_length=16, norm=norm)
         ref = TokenFormerModel(cfg, 96, seed=3).eval()
-        tp = TokenFormerModel(cfg, 96, tp_group=group, seed=3).eval()
         want = observe.token_usage(ref, lambda: ref(ids), lineage)
-        got = observe.token_usage(tp, lambda: tp(ids), lineage)
-        assert got.keys() == want.keys() and len(want) == 3 * 4 + 2 + 4, sorted(want)  # proj never grew
-        for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-5), (norm, k, got[k], v)
+        for sp in (False, True):  # with sequence parallelism a layer's input is this rank's part of the sequence
+            tp = TokenFormerModel(cfg, 96, tp_group=group, seed=3, sequence_parallel=sp).eval()
+            got = observe.token_usage(tp, lambda: tp(ids), lineage)
+            assert got.keys() == want.keys() and len(want) == 3 * 4 + 2 + 4, sorted(want)  # proj never grew
+            for k, v in want.items():
+                assert got[k] == pytest.approx(v, rel=1e-5), (norm, sp, k, got[k], v)
 
 
 def _scaler(rank, world):
