@@ -147,7 +147,8 @@ def test_training_equals_tensor_parallel(corpus, tmp_path):
     """10 steps with sequence parallelism log the losses of plain tensor parallelism (within 1e-5): at
     TP=2 with dropout, activation checkpointing and growth in the launch; at TP=2 x PP=2 and TP=2 x DP=2
     (ZeRO-2) without dropout, and the validation loss of an evaluation during training at TP=2 x PP=2.
-    Resumed with it from a checkpoint written without it, the first step is bit-exact (a forward from the
+    Resumed with it from a checkpoint written without it, and without it from one written with it, the
+    first step is bit-exact (a forward from the
     same weights: at TP=2 each sum over the tensor ranks is a + b, whichever collective takes it) and the
     rest within 1e-5 (the final norm's gradient is summed per shard first: the same bits on the machine
     where this was written, but not by construction)."""
@@ -158,9 +159,14 @@ def test_training_equals_tensor_parallel(corpus, tmp_path):
     evals = ["eval.interval=10", "eval.steps=2"]  # evaluation during training: the same validation loss
     plain = _train(corpus, tmp_path / "tp", ["checkpoint.interval=5", *evals])
     at_5 = tmp_path / "tp" / "checkpoints" / "step_00000005"
-    resumed = _train(corpus, tmp_path / "resumed", [SP, f"checkpoint.load={at_5}"])
+    resumed = _train(corpus, tmp_path / "resumed", [SP, f"checkpoint.load={at_5}", "checkpoint.interval=8"])
     _same(resumed, plain, "resumed with it", range(6, 11))
     assert resumed[6] == plain[6], (resumed[6], plain[6])
+    # and the other way: its checkpoint of step 8, written with it, resumed without it
+    at_8 = tmp_path / "resumed" / "checkpoints" / "step_00000008"
+    off = _train(corpus, tmp_path / "off", [f"checkpoint.load={at_8}"])
+    _same(off, resumed, "resumed without it", range(9, 11))
+    assert off[9] == resumed[9], (off[9], resumed[9])
     _same(_train(corpus, tmp_path / "pp", [SP, "parallel.pipeline=2", *evals], nproc=4), plain, "TP=2 x PP=2",
           range(0, 11))
     _same(_train(corpus, tmp_path / "dp", [SP, "parallel.zero_stage=2"], nproc=4), plain, "TP=2 x DP=2")
