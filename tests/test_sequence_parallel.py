@@ -145,17 +145,20 @@ def _same(got, want, what, steps=range(1, 11)):
 @pytest.mark.slow
 def test_training_equals_tensor_parallel(corpus, tmp_path):
     """10 steps with sequence parallelism log the losses of plain tensor parallelism (within 1e-5): at
-    TP=2 with dropout, activation checkpointing and growth in the launch; at TP=2 x PP=2 and TP=2 x DP=2
-    (ZeRO-2) without dropout, and the validation loss of an evaluation during training at TP=2 x PP=2.
-    Resumed with it from a checkpoint written without it, and without it from one written with it, the
-    first step is bit-exact (a forward from the
-    same weights: at TP=2 each sum over the tensor ranks is a + b, whichever collective takes it) and the
-    rest within 1e-5 (the final norm's gradient is summed per shard first: the same bits on the machine
-    where this was written, but not by construction)."""
+    TP=2 with dropout, activation checkpointing and growth in the launch; at TP=4 with dropout; at
+    TP=2 x PP=2 and TP=2 x DP=2 (ZeRO-2) without dropout, and the validation loss of an evaluation
+    during training at TP=2 x PP=2. Resumed with it from a checkpoint written without it, and without
+    it from one written with it, the first step is bit-exact (a forward from the same weights: at TP=2
+    each sum over the tensor ranks is a + b, whichever collective takes it) and the rest within 1e-5
+    (the final norm's gradient is summed per shard first: the same bits on the machine where this was
+    written, but not by construction)."""
     SP = "parallel.sequence_parallel=true"
     drop = ["model.dropout=0.1", GROWTH]
     _same(_train(corpus, tmp_path / "sp_drop", [*drop, SP, "model.activation_checkpointing=true"]),
           _train(corpus, tmp_path / "tp_drop", drop), "TP=2, dropout, growth")
+    tp4 = ["parallel.tensor=4", "model.dropout=0.1"]  # each rank a quarter of the sequence, dropout on
+    _same(_train(corpus, tmp_path / "sp4", [*tp4, SP], nproc=4), _train(corpus, tmp_path / "tp4", tp4, nproc=4),
+          "TP=4, dropout")
     evals = ["eval.interval=10", "eval.steps=2"]  # evaluation during training: the same validation loss
     plain = _train(corpus, tmp_path / "tp", ["checkpoint.interval=5", *evals])
     at_5 = tmp_path / "tp" / "checkpoints" / "step_00000005"
