@@ -121,48 +121,28 @@ class _ReduceFrom(torch.autograd.Function):
         return g, None
 
 
-class _ReduceScatter(torch.autograd.Function):
+class _Scatter(torch.autograd.Function):
+    """Reduce-scatter along `dim` / all-gather back: reduce_scatter (features) and scatter_seq (sequence)."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim(x, group, "fwd", "reduce_scatter")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_dim(g, ctx.group, "bwd", "reduce_scatter"), None
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_dim(x, group, "fwd", "all_gather")
+    def forward(ctx, x, group, op, dim):
+        ctx.group, ctx.op, ctx.dim = group, op, dim
+        return _reduce_scatter_dim(x, group, "fwd", op, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter_dim(g, ctx.group, "bwd", "all_gather"), None
+        return _gather_dim(g, ctx.group, "bwd", ctx.op, ctx.dim), None, None, None
 
 
-class _GatherSeq(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
+    """All-gather along `dim` / reduce-scatter back: all_gather (features) and gather_seq (sequence)."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_dim(x, group, "fwd", "gather_seq", dim=-2)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_dim(g, ctx.group, "bwd", "gather_seq", dim=-2), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim(x, group, "fwd", "scatter_seq", dim=-2)
+    def forward(ctx, x, group, op, dim):
+        ctx.group, ctx.op, ctx.dim = group, op, dim
+        return _gather_dim(x, group, "fwd", op, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_dim(g, ctx.group, "bwd", "scatter_seq", dim=-2), None
+        return _reduce_scatter_dim(g, ctx.group, "bwd", ctx.op, ctx.dim), None, None, None
 
 
 class _SumStat(torch.autograd.Function):
@@ -186,21 +166,21 @@ def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceScatter.apply(x, group)
+    return x if group_size(group) == 1 else _Scatter.apply(x, group, "reduce_scatter", -1)
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _AllGather.apply(x, group)
+    return x if group_size(group) == 1 else _Gather.apply(x, group, "all_gather", -1)
 
 
 def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's sequence shard (..., T/p, d) -> the whole sequence (..., T, d), ranks in order."""
-    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+    return x if group_size(group) == 1 else _Gather.apply(x, group, "gather_seq", -2)
 
 
 def scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     """Partial sums (..., T, d) of every rank -> this rank's shard (..., T/p, d) of their sum."""
-    return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
+    return x if group_size(group) == 1 else _Scatter.apply(x, group, "scatter_seq", -2)
 
 
 def seq_shard(x: torch.Tensor, group) -> torch.Tensor:

@@ -87,7 +87,7 @@ class Monitor:
 
     def _summary(self, s: dict) -> None:
         """The end-of-run lines: where the run got to, how fast, where its outputs are."""
-        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        fmt = _fmt
         steps = f"{s['steps_run']} step{'' if s['steps_run'] == 1 else 's'}"
         lines = [f"done: step {s['step']} ({steps} in {s['seconds'] / 60:.1f} min, "
                  f"{fmt(s['tokens_per_sec'], ',.0f')} tokens/s overall)",
@@ -117,7 +117,11 @@ class Monitor:
             self.wandb_run = None
 
 
-def last_logged(run_dir: Path) -> list[dict]:
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of `<run_dir>/metrics.jsonl` ([] if there is none)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -129,10 +133,10 @@ def report_finished(cfg: Config, checkpoint: Path, meta: dict) -> dict:
     """A run launched again after its last step (its checkpoint at train.steps or beyond): print what it
     ended with (the last losses metrics.jsonl logged) and which of the asked work will not be done here,
     with how to do it. Starts no W&B run and writes nothing. Returns the last logged row."""
-    step, rows = meta["step"], last_logged(cfg.run_dir)
+    step, rows = meta["step"], read_metrics(cfg.run_dir)
     last = next((r for r in reversed(rows) if "loss" in r), {})
     valid = next((r for r in reversed(rows) if "valid_loss" in r), {})
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    fmt = _fmt
     losses = (f"  last logged: training loss {fmt(last.get('loss'), '.4f')}, validation loss "
               f"{fmt(valid.get('valid_loss'), '.4f')}, perplexity {fmt(valid.get('valid_ppl'), '.2f')}" if rows
               else "  no losses logged in this run directory (a checkpoint.load from elsewhere?)")

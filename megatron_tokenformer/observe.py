@@ -234,10 +234,7 @@ TOKEN_KEYS = {"qkv": "qkv_tokens", "proj": "proj_tokens", "ffn": "ffn_tokens"}
 
 
 def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return t
+    return M.all_reduce_sum(t.clone(), group, "fwd", "token_stats")
 
 
 @torch.no_grad()
@@ -253,10 +250,8 @@ def layer_usage(layer: Pattention, x: torch.Tensor, labels: torch.Tensor | None)
     # the whole input, as the layer itself gathers it: a head-sharded input along its features; with
     # sequence parallelism a replicated one arrives as this rank's shard of the sequence (dim -2)
     dim = -1 if layer.input == "sharded" else -2 if getattr(layer, "sequence_parallel", False) else None
-    if dim is not None and M.group_size(grp) > 1:
-        parts = [torch.empty_like(x) for _ in range(M.group_size(grp))]
-        dist.all_gather(parts, x.contiguous(), group=grp)
-        x = torch.cat(parts, dim=dim)
+    if dim is not None:
+        x = M.gather(x, grp, dim, "fwd", "token_stats")
     x = x.reshape(-1, layer.in_features)
     k = layer.key_tokens if layer.groups > 1 else layer.key_tokens.unsqueeze(0)  # (g, n_local, in)
     g, n_local, _ = k.shape

@@ -10,9 +10,10 @@ Needs matplotlib (`pip install -e '.[experiments]'`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from megatron_tokenformer.monitor import read_metrics
 
 PARTS = ("data", "forward_backward", "optimizer", "other")
 
@@ -22,7 +23,7 @@ def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"plot_run.py: {path} does not exist: give the run directory (log.dir) of a run")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     return [r for r in rows if "event" not in r], [r for r in rows if r.get("event") == "growth"]
 
 

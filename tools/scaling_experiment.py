@@ -40,18 +40,14 @@ from pathlib import Path
 from megatron_tokenformer.config import TOKEN_KEYS, load_config, padded_vocab_size
 from megatron_tokenformer.data import load_meta
 from megatron_tokenformer.model import model_flops_per_token
+from megatron_tokenformer.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-
-
 def _train(name: str, run: Path, args, overrides: list[str], gpus=None) -> None:
     steps = int(next(o for o in overrides if o.startswith("train.steps=")).split("=")[1])
-    if any(r.get("step") == steps and "valid_loss" in r for r in _rows(run)):
+    if any(r.get("step") == steps and "valid_loss" in r for r in read_metrics(run)):
         print(f"{name}: reusing {run}", flush=True)
         return
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config, *overrides,
@@ -79,7 +75,7 @@ def _curve(run: Path, stages: list[tuple[int, float]]) -> list[tuple[int, float,
         return [f for at, f in stages if at < step][-1]
 
     out, total, done = [], 0.0, 0
-    for r in _rows(run):
+    for r in read_metrics(run):
         if "valid_loss" not in r:
             continue
         total += sum(per_step(s) for s in range(done + 1, r["step"] + 1))
